@@ -1,0 +1,124 @@
+"""Build script for simvq-kernels.
+
+Always builds the C++ extension ``simvq_kernels._C`` (CPU kernels + op schemas).
+The CUDA sources under ``csrc/cuda/`` are added only when a CUDA toolkit and a CUDA
+build of torch are both present; ``SIMVQ_BUILD_CUDA=1`` forces them on (and fails if
+that is impossible), ``SIMVQ_BUILD_CUDA=0`` forces them off. ``SIMVQ_CUDA_ARCHS``
+lists the target architectures (default "8.0;9.0a+PTX"). ``SIMVQ_SKIP_EXTENSION=1``
+installs the pure-Python package only (the reference backends still work).
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    print(f"[simvq-kernels setup] {msg}", file=sys.stderr)
+
+
+def _resolve_cuda_home():
+    """Find the CUDA toolkit folder whose lib/ or lib64/ holds libcudart.
+
+    ``nvcc`` on PATH may be a wrapper script that execs the real one, in which case
+    torch's own guess (the wrapper's parent folder) is wrong; follow the wrapper.
+    """
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "r", errors="ignore") as f:
+                head = f.read(4096)
+            for m in re.finditer(r"(/\S+)/bin/nvcc\b", head):
+                candidates.append(m.group(1))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for c in candidates:
+        has_nvcc = os.path.exists(os.path.join(c, "bin", "nvcc"))
+        has_rt = any(
+            glob.glob(os.path.join(c, lib, "libcudart.so*")) for lib in ("lib", "lib64")
+        )
+        if has_nvcc and has_rt:
+            return c
+    return None
+
+
+def _want_cuda(cuda_sources):
+    flag = os.environ.get("SIMVQ_BUILD_CUDA", "auto").strip().lower()
+    if flag in ("0", "false", "off", "no"):
+        _log("CUDA sources: off (SIMVQ_BUILD_CUDA=0)")
+        return False, None
+    forced = flag in ("1", "true", "on", "yes")
+    reasons = []
+    if not cuda_sources:
+        reasons.append("no CUDA sources under csrc/cuda/")
+    import torch
+
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    cuda_home = _resolve_cuda_home()
+    if cuda_home is None:
+        reasons.append("no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)")
+    if reasons:
+        if forced:
+            raise RuntimeError("SIMVQ_BUILD_CUDA=1 but " + "; ".join(reasons))
+        _log("CUDA sources: skipped (" + "; ".join(reasons) + ")")
+        return False, None
+    return True, cuda_home
+
+
+def _extensions():
+    if os.environ.get("SIMVQ_SKIP_EXTENSION", "0") == "1":
+        _log("SIMVQ_SKIP_EXTENSION=1: building no extension")
+        return [], {}
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda, cuda_home = _want_cuda(cuda_sources)
+    if use_cuda:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/simvq.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-fopenmp"]
+    if use_cuda:
+        archs = os.environ.get("SIMVQ_CUDA_ARCHS", "8.0;9.0a+PTX")
+        gencode = []
+        for a in filter(None, (s.strip() for s in archs.split(";"))):
+            ptx = a.endswith("+PTX")
+            a = a.replace("+PTX", "")
+            num = a.replace(".", "")
+            gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+            if ptx:
+                gencode.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        _log(f"CUDA sources: building {cuda_sources} with CUDA_HOME={cuda_home} for {archs}")
+        ext = CUDAExtension(
+            "simvq_kernels._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DSIMVQ_WITH_CUDA"],
+                                "nvcc": ["-O3", "-DSIMVQ_WITH_CUDA"] + gencode},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("simvq_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["simvq_kernels", "simvq_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
