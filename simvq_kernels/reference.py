@@ -1,0 +1,125 @@
+"""The pure-PyTorch oracle: SimVQ's official math, on any device and dtype.
+
+This module imports no backend and no optional dependency. It is what every other
+backend is tested against (run in float64), and it is the 'reference' backend (the
+official formula: one N x K distance matrix) and the 'chunked' backend (the same
+math over tiles of at most ``chunk_n x chunk_k`` distances, with a running
+(min, argmin) so that memory is bounded by the tile, not by N x K).
+
+Low-precision inputs (bf16, fp16) are widened to float32 before any product, so the
+products are exact and the sums accumulate in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_N = 4096
+DEFAULT_CHUNK_K = 4096
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project_codebook(basis, weight, bias=None):
+    """The implicit codebook Q = basis @ weight.T + bias, (K, d)."""
+    return F.linear(basis, weight, bias)
+
+
+def pairwise_sq_dist(z, codebook):
+    """The official formula: ||z||^2 + ||Q||^2 - 2 z Q^T, (N, K). Builds N x K."""
+    return (
+        torch.sum(z**2, dim=1, keepdim=True)
+        + torch.sum(codebook**2, dim=1)
+        - 2 * torch.einsum("bd,dn->bn", z, codebook.t())
+    )
+
+
+@torch.no_grad()
+def nearest_code(z, codebook):
+    """Official formula then argmin (first index on ties). Returns (idx int64, dist)."""
+    dt = compute_dtype(z.dtype)
+    z, codebook = z.to(dt), codebook.to(dt)
+    if z.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.long, device=z.device),
+                torch.empty(0, dtype=dt, device=z.device))
+    d = pairwise_sq_dist(z, codebook)
+    idx = torch.argmin(d, dim=1)
+    dist = d.gather(1, idx[:, None])[:, 0].clamp_min(0)
+    return idx, dist
+
+
+@torch.no_grad()
+def nearest_code_chunked(z, codebook, chunk_n=DEFAULT_CHUNK_N, chunk_k=DEFAULT_CHUNK_K):
+    """Same result as :func:`nearest_code` with memory O(chunk_n * chunk_k).
+
+    Codes are scanned in increasing order with a strict '<' merge, so ties still go
+    to the lowest index.
+    """
+    dt = compute_dtype(z.dtype)
+    z, codebook = z.to(dt), codebook.to(dt)
+    n, k = z.shape[0], codebook.shape[0]
+    idx = torch.zeros(n, dtype=torch.long, device=z.device)
+    best = torch.full((n,), float("inf"), dtype=dt, device=z.device)
+    qn = torch.sum(codebook**2, dim=1)
+    for n0 in range(0, n, chunk_n):
+        zc = z[n0 : n0 + chunk_n]
+        b = best[n0 : n0 + chunk_n]
+        bi = idx[n0 : n0 + chunk_n]
+        for k0 in range(0, k, chunk_k):
+            part = qn[k0 : k0 + chunk_k] - 2 * (zc @ codebook[k0 : k0 + chunk_k].t())
+            v, i = torch.min(part, dim=1)
+            better = v < b
+            b.copy_(torch.where(better, v, b))
+            bi.copy_(torch.where(better, i + k0, bi))
+    dist = (torch.sum(z**2, dim=1) + best).clamp_min(0)
+    return idx, dist
+
+
+def simvq_quantize(z, basis, weight, bias=None):
+    """Official SimVQ forward: Q = Linear(basis), argmin of the official distance,
+    zq = embedding(idx, Q). Differentiable w.r.t. weight and bias by plain autograd
+    (whose embedding backward builds a dense K x d gradient). Returns (zq, idx, dist).
+    """
+    codebook = project_codebook(basis, weight, bias)
+    idx, dist = nearest_code(z.detach(), codebook.detach())
+    zq = F.embedding(idx, codebook).to(z.dtype)
+    return zq, idx, dist
+
+
+def simvq_quantize_chunked(z, basis, weight, bias=None, chunk_n=DEFAULT_CHUNK_N,
+                           chunk_k=DEFAULT_CHUNK_K):
+    """Tile-bounded SimVQ forward. zq is re-projected from the gathered basis rows,
+    zq = basis[idx] @ weight.T + bias, so autograd gives dW = g^T basis[idx] with
+    no K x d buffer.
+    """
+    dt = compute_dtype(z.dtype)
+    with torch.no_grad():
+        codebook = project_codebook(basis.to(dt), weight.to(dt),
+                                    None if bias is None else bias.to(dt))
+        idx, dist = nearest_code_chunked(z, codebook, chunk_n, chunk_k)
+    rows = basis.index_select(0, idx)
+    zq = F.linear(rows, weight, bias).to(z.dtype)
+    return zq, idx, dist
+
+
+def commitment_losses(z, zq):
+    """(commit, codebook) = (mean((sg(zq) - z)^2), mean((zq - sg(z))^2))."""
+    commit = torch.mean((zq.detach() - z) ** 2)
+    codebook = torch.mean((zq - z.detach()) ** 2)
+    return commit, codebook
+
+
+def simvq_loss(z, zq, beta=0.25, legacy=False):
+    """Official loss: beta * commit + codebook (legacy=True swaps the weights)."""
+    commit, codebook = commitment_losses(z, zq)
+    if legacy:
+        return commit + beta * codebook
+    return beta * commit + codebook
+
+
+def straight_through(z, zq):
+    """out = z + sg(zq - z)."""
+    return z + (zq - z).detach()
