@@ -1,0 +1,89 @@
+"""Smoke test of `python -m simvq_kernels.bench`: the hidden 'tiny' preset end to end
+(child processes, correctness column, table, CSV, markdown), plus the check itself
+catching wrong picks and wrong distances. Seconds on a CPU."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from simvq_kernels import bench
+
+
+def test_tiny_preset_end_to_end(tmp_path):
+    out_csv = tmp_path / "tiny.csv"
+    out_md = tmp_path / "tiny.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simvq_kernels.bench", "--preset", "tiny", "--peers", "cdist,faiss",
+         "--repeat", "3", "--no-progress", "--csv", str(out_csv), "--markdown", str(out_md)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "provider" in out and "GFLOP/s" in out and "check" in out
+    assert "matmul ceiling (GFLOP/s): d=16" in out
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    ran = [r for r in rows if r["status"] == "ok"]
+    providers = {r["provider"] for r in ran}
+    assert {"reference", "chunked", "cdist"} <= providers
+    assert {r["op"] for r in ran} == {"fwd", "layer fwd+bwd"}
+    for r in ran:
+        assert r["check"] == "pass", r
+        assert int(r["runs"]) == 3
+        assert float(r["median_s"]) > 0 and float(r["gflops"]) > 0
+        assert float(r["peak_mib"]) >= 0
+    ref = [r for r in ran if r["provider"] == "reference"]
+    assert all(abs(float(r["vs_reference"]) - 1) < 1e-9 for r in ref)
+    assert "| provider |" in out_md.read_text()
+
+
+def test_list_presets(capsys):
+    assert bench.main(["--list-presets"]) == 0
+    text = capsys.readouterr().out
+    for name in ("quick", "core", "image", "audio", "small-d", "cpu"):
+        assert name in text
+    assert "tiny" not in text  # hidden
+
+
+def test_core_preset_has_issue_shapes():
+    shapes = {(s.n, s.k, s.d) for s in bench.PRESETS["core"].shapes()}
+    assert {(16384, 1024, 64), (16384, 8192, 64), (8192, 65536, 32),
+            (4096, 16384, 256), (16384, 262144, 32)} <= shapes
+
+
+def test_check_catches_wrong_results():
+    inp = bench.make_inputs(bench.Shape(300, 200, 8), seed=3)
+    codes = bench._codes64_from_codebook(inp.codebook)
+    d64 = torch.cdist(inp.z.double(), inp.codebook.double()) ** 2
+    best = d64.argmin(1)
+    dist = d64.gather(1, best[:, None])[:, 0].float()
+    assert bench.check_nearest(inp.z, codes, 200, best, dist).ok
+    worst = d64.argmax(1)
+    res = bench.check_nearest(inp.z, codes, 200, worst, None)
+    assert not res.ok and "outside eps" in res.detail
+    res = bench.check_nearest(inp.z, codes, 200, best, dist * 1.01 + 1e-3)
+    assert not res.ok and "distances" in res.detail
+    assert not bench.check_nearest(inp.z, codes, 200, best.int(), None).ok
+    assert not bench.check_nearest(inp.z, codes, 200, best + 200, None).ok
+    # a subset of rows, tiled over K, still sees the error
+    rows = torch.arange(0, 300, 7)
+    assert not bench.check_nearest(inp.z, codes, 200, worst, None, rows=rows, tile_k=64).ok
+
+
+def test_grad_check_catches_wrong_gradients():
+    inp = bench.make_inputs(bench.Shape(64, 32, 8), seed=1)
+    idx = torch.cdist(inp.z, inp.codebook).argmin(1)
+    ref = bench.oracle_layer_grads(inp, idx)
+    good = {k: v.float() for k, v in ref.items()}
+    assert bench.check_grads(good, ref).ok
+    bad = dict(good, weight=good["weight"] * 1.01)
+    assert not bench.check_grads(bad, ref).ok
+
+
+@pytest.mark.parametrize("provider", ["reference", "cdist"])
+def test_build_runner_matches_oracle_in_process(provider):
+    inp = bench.make_inputs(bench.Shape(100, 50, 4))
+    r = bench.build_runner(provider, "fwd", inp)
+    res = bench.check_output("fwd", inp, r.output(r.run()), u=0.0, check_rows=1024)
+    assert res.ok, res.detail
