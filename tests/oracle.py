@@ -23,13 +23,19 @@ Public API (kept stable; tests/test_core.py imports it too):
     dist64_rows(z, codebook, idx) -> float64 (N,)   d64(z_n, Q_idx[n]), computed directly
     check_nearest(z, codebook, idx, dist, u, *, expect_idx=None, check_ties=True, what="")
     project64(basis, weight, bias=None) -> float64 (K, d) codebook
+    projection_eps(z, basis, weight, bias=None) -> (extra_eps (N,), delta (K, d))
     check_quantize(z, basis, weight, bias, zq, idx, dist, u, *, expect_idx=None, what="")
     grad_rtol(dtype) -> float
     reference_grads64(basis, weight, bias, idx, grad_zq) -> (dW64, db64 or None)
     check_grads(dW, db, basis, weight, bias, idx, grad_zq, *, rtol=None, what="")
-    assert_close_scaled(actual, expected, scale, rtol, name)
+    assert_close_scaled(actual, expected, scale, rtol, name, atol=0.0)
+    subnormal_spacing(dtype) -> float
+    reference_layer64(z, basis, weight, bias, idx, grad_out, beta=0.25, legacy=False)
+        -> dict(loss, dz, dW, db, and magnitude bounds for each) for the SimVQ layer
     sample_rows(n, m, seed=0) -> int64 (min(n, m),)
     first_of_duplicates(codebook) -> int64 (K,)   lowest index holding the same row
+    poison_heap(*numels)   best-effort: make the next allocations of these sizes hold
+                           garbage, so that output elements a kernel forgets to write fail
 """
 from __future__ import annotations
 
@@ -44,13 +50,17 @@ __all__ = [
     "dist64_rows",
     "check_nearest",
     "project64",
+    "projection_eps",
     "check_quantize",
     "grad_rtol",
     "reference_grads64",
     "check_grads",
+    "reference_layer64",
     "assert_close_scaled",
+    "subnormal_spacing",
     "sample_rows",
     "first_of_duplicates",
+    "poison_heap",
 ]
 
 # Max float64 elements in one oracle tile (8 bytes each: 32 MiB).
@@ -187,7 +197,7 @@ def _fmt_rows(bad: torch.Tensor, limit: int = 5) -> str:
 def check_nearest(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,
                   dist: torch.Tensor, u: float, *, expect_idx: torch.Tensor | None = None,
                   check_ties: bool = True, q_max_norm: float | None = None,
-                  what: str = "") -> None:
+                  extra_eps: torch.Tensor | float = 0.0, what: str = "") -> None:
     """Assert that (idx, dist) returned by a backend for (z, codebook) meet §3.
 
     Checks: shapes (N,), idx int64 in [0, K); dist finite and >= 0; the pick is within
@@ -196,6 +206,8 @@ def check_nearest(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,
     well-separated gaps or exact duplicates); if ``check_ties``, no exact duplicate of
     the picked code has a lower index. To check a subset of rows of a big problem, pass
     z[rows], idx[rows], dist[rows] (and ``q_max_norm`` to skip recomputing it).
+    ``extra_eps`` (float64 (N,) or a float) is added to eps(z); check_quantize uses it
+    for the rounding of the projected codebook, which §3 does not cover.
     Raises AssertionError with a message naming the failing rows.
     """
     tag = f"[{what}] " if what else ""
@@ -218,7 +230,7 @@ def check_nearest(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,
     assert not bool(bad.any()), f"{tag}distances non-finite or negative: {_fmt_rows(bad)}, " \
         f"values {dist64[bad][:5].tolist()}"
 
-    eps = eps_per_token(z, codebook, u, q_max_norm=q_max_norm)
+    eps = eps_per_token(z, codebook, u, q_max_norm=q_max_norm) + extra_eps
     o_idx, o_dist = oracle_nearest64(z, codebook)
     picked = dist64_rows(z, codebook, idx_c)
     gap = picked - o_dist
@@ -269,21 +281,61 @@ def _round_unit(dtype: torch.dtype) -> float:
             torch.float16: 2.0 ** -11}[dtype]
 
 
+def subnormal_spacing(dtype: torch.dtype) -> float:
+    """Spacing of ``dtype``'s subnormal numbers: the absolute rounding error floor of a
+    result stored in that dtype (2^-24 for float16, 2^-133 for bfloat16, ...)."""
+    fi = torch.finfo(dtype)
+    return float(fi.tiny) * float(fi.eps)
+
+
+def projection_eps(z, basis, weight, bias=None, compute_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allowance for a backend's rounding of the projected codebook (see
+    :func:`check_quantize`): returns (extra_eps float64 (N,), delta float64 (K, d)),
+    delta_ki = (r + 2) u_c (|B_k| . |W_i| + |b_i|) bounding |Q_ki - Q64_ki| for a
+    projection accumulated in ``compute_dtype`` (default: float32, or float64 for
+    float64 inputs), extra_eps = 2 (||z|| + max_k ||Q64_k||) D + D^2, D = max_k ||delta_k||."""
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    u_c = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24}.get(
+        compute_dtype, _round_unit(compute_dtype) if compute_dtype in
+        (torch.bfloat16, torch.float16) else 2.0 ** -24)
+    r = basis.shape[1]
+    mag = _f64(basis).abs() @ _f64(weight).abs().T
+    if bias is not None:
+        mag = mag + _f64(bias).abs()
+    delta = (r + 2) * u_c * mag
+    big_d = float(delta.norm(dim=1).max()) if delta.shape[0] else 0.0
+    q_max = float(project64(basis, weight, bias).norm(dim=1).max()) if delta.shape[0] else 0.0
+    extra = 2.0 * (_f64(z).norm(dim=1) + q_max) * big_d + big_d ** 2
+    return extra, delta
+
+
 def check_quantize(z, basis, weight, bias, zq, idx, dist, u: float, *,
                    expect_idx: torch.Tensor | None = None, check_ties: bool = True,
                    what: str = "") -> None:
     """Assert that (zq, idx, dist) of ``simvq_quantize``/``quantize`` meet §3.
 
-    The codebook is the float64 projection of the stored basis/weight/bias. The
-    search is checked with :func:`check_nearest`; zq must have z's shape and dtype and
-    equal Q64[idx] up to the projection's rounding: per element
-    |zq - Q64[idx]| <= (r + 2) * u_c * (|B_idx| . |W_i| + |b_i|) + 2 * u_out * |Q64[idx]|
-    with u_c the accumulation precision (fp32 for non-float64 inputs, or the input
-    dtype if the projection is rounded to it) and u_out the rounding to z's dtype.
+    The codebook is the float64 projection Q64 of the stored basis/weight/bias.
+
+    Search: :func:`check_nearest` against Q64 with eps(z) widened by the rounding a
+    backend may make when it projects the codebook (the contract: accumulate in fp32
+    for non-float64 inputs, never round Q to bf16/fp16): with the per-element bound
+    delta_ki = (r + 2) * u_c * (|B_k| . |W_i| + |b_i|), u_c = 2^-24 (2^-53 for float64),
+    and D = max_k ||delta_k||, a pick may lose 2 (||z|| + max||Q||) D + D^2 more. This
+    matters only where the projection cancels (|Q| << |B||W|); §3 itself speaks of the
+    search on a given codebook.
+
+    zq: z's shape and dtype, and per element
+    |zq - Q64[idx]| <= delta_idx,i + 2 u_out |Q64[idx]| + (subnormal spacing of z's dtype)
+    with u_out the rounding to z's dtype.
     """
     tag = f"[{what}] " if what else ""
     q64 = project64(basis, weight, bias)
-    check_nearest(z, q64, idx, dist, u, expect_idx=expect_idx, check_ties=False, what=what)
+    extra, delta = projection_eps(z, basis, weight, bias)
+    q_max = float(q64.norm(dim=1).max())
+    check_nearest(z, q64, idx, dist, u, expect_idx=expect_idx, check_ties=False,
+                  q_max_norm=q_max, extra_eps=extra, what=what)
     if check_ties:
         # exact duplicates of the *basis* rows project to identical codes on every backend
         first = first_of_duplicates(basis)
@@ -298,13 +350,8 @@ def check_quantize(z, basis, weight, bias, zq, idx, dist, u: float, *,
         return
     idx_c = idx.detach().cpu()
     want = q64.index_select(0, idx_c)
-    r = basis.shape[1]
-    u_c = max(_round_unit(z.dtype), 2.0 ** -24) if z.dtype != torch.float64 else 2.0 ** -53
     u_out = _round_unit(z.dtype)
-    mag = _f64(basis).abs().index_select(0, idx_c) @ _f64(weight).abs().T
-    if bias is not None:
-        mag = mag + _f64(bias).abs()
-    tol = (r + 2) * u_c * mag + 2 * u_out * want.abs() + 1e-300
+    tol = delta.index_select(0, idx_c) + 2 * u_out * want.abs() + subnormal_spacing(z.dtype)
     err = (_f64(zq) - want).abs()
     bad = (err > tol) | ~torch.isfinite(_f64(zq))
     if bool(bad.any()):
@@ -341,16 +388,18 @@ def reference_grads64(basis, weight, bias, idx, grad_zq):
     return w.grad, (b.grad if b is not None else None)
 
 
-def assert_close_scaled(actual, expected, scale, rtol: float, name: str) -> None:
-    """|actual - expected| <= rtol * scale elementwise (all float64-comparable);
+def assert_close_scaled(actual, expected, scale, rtol: float, name: str,
+                        atol: float = 0.0) -> None:
+    """|actual - expected| <= rtol * scale + atol elementwise (all float64-comparable);
     ``scale`` is a magnitude bound of the exact value (e.g. sum |a||b| for a sum of
-    products), so cancellation does not make the tolerance vanish."""
+    products), so cancellation does not make the tolerance vanish; ``atol`` is for the
+    subnormal floor of a low-precision result (:func:`subnormal_spacing`)."""
     a, e, s = _f64(actual), _f64(expected), _f64(torch.as_tensor(scale))
     assert tuple(a.shape) == tuple(e.shape), \
         f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     assert bool(torch.isfinite(a).all()), f"{name}: non-finite values"
     err = (a - e).abs()
-    tol = rtol * s + 1e-300
+    tol = rtol * s + atol + 1e-300
     bad = err > tol
     if bool(bad.any()):
         pos = tuple(int(v) for v in bad.nonzero()[0])
@@ -371,11 +420,49 @@ def check_grads(dW, db, basis, weight, bias, idx, grad_zq, *, rtol: float | None
     dW64, db64 = reference_grads64(basis, weight, bias, idx, grad_zq)
     g = _f64(grad_zq).abs()
     rows = _f64(basis).abs().index_select(0, idx.detach().cpu().long())
+    atol = subnormal_spacing(weight.dtype)
     assert dW is not None, f"{tag}weight got no gradient"
-    assert_close_scaled(dW, dW64, g.T @ rows, rtol, f"{tag}dW")
+    assert_close_scaled(dW, dW64, g.T @ rows, rtol, f"{tag}dW", atol)
     if bias is not None:
         assert db is not None, f"{tag}bias got no gradient"
-        assert_close_scaled(db, db64, g.sum(0), rtol, f"{tag}db")
+        assert_close_scaled(db, db64, g.sum(0), rtol, f"{tag}db", atol)
+
+
+def reference_layer64(z, basis, weight, bias, idx, grad_out, beta: float = 0.25,
+                      legacy: bool = False) -> dict:
+    """The SimVQ layer in float64 with the picks ``idx`` given (channel-last, z (N, d)):
+
+        zq = (B W^T + b)[idx];  out = z + sg(zq - z)
+        loss = beta * mean((sg(zq) - z)^2) + mean((zq - sg(z))^2)   (weights swapped if legacy)
+
+    and the gradients of ``loss + <grad_out, out>`` by autograd. Returns a dict with
+    float64 CPU tensors: loss, out, dz, dW, db (None without bias), and elementwise
+    magnitude bounds scale_dz, scale_dW, scale_db of the exact gradients (so a
+    tolerance relative to them survives cancellation)."""
+    z64 = _f64(z).requires_grad_(True)
+    w = _f64(weight).requires_grad_(True)
+    b = _f64(bias).requires_grad_(True) if bias is not None else None
+    b64 = _f64(basis)
+    idx = idx.detach().cpu().long()
+    zq = torch.nn.functional.embedding(idx, torch.nn.functional.linear(b64, w, b))
+    m = z64.numel()
+    commit = torch.mean((zq.detach() - z64) ** 2)
+    codebook = torch.mean((zq - z64.detach()) ** 2)
+    w_commit, w_code = (1.0, beta) if legacy else (beta, 1.0)
+    loss = w_commit * commit + w_code * codebook
+    out = z64 + (zq - z64).detach()
+    g_out = _f64(grad_out)
+    (loss + (out * g_out).sum()).backward()
+    with torch.no_grad():
+        diff_mag = zq.abs() + z64.abs()
+        g_zq_mag = 2.0 * w_code / max(m, 1) * diff_mag
+        rows = b64.abs().index_select(0, idx)
+        res = dict(loss=loss.detach(), out=out.detach(), dz=z64.grad, dW=w.grad,
+                   db=(b.grad if b is not None else None),
+                   scale_dz=g_out.abs() + 2.0 * w_commit / max(m, 1) * diff_mag,
+                   scale_dW=g_zq_mag.T @ rows, scale_db=g_zq_mag.sum(0),
+                   scale_loss=(w_commit + w_code) * torch.mean(diff_mag ** 2))
+    return res
 
 
 # ---------------------------------------------------------------------------- misc
@@ -389,3 +476,26 @@ def sample_rows(n: int, m: int, seed: int = 0) -> torch.Tensor:
     rows = torch.randperm(n, generator=g)[: max(0, m - 2)]
     rows = torch.cat([rows, torch.tensor([0, n - 1])])
     return torch.unique(rows)
+
+
+def poison_heap(*numels: int) -> None:
+    """Best effort at design.md §3's "outputs are poisoned before a kernel runs".
+
+    The public ops allocate their own outputs, so they cannot be pre-filled. Instead,
+    allocate and free blocks of the output sizes filled with garbage (NaN for floats,
+    -2^62 for int64): the CPU allocator (glibc malloc) hands the same blocks to the
+    next allocations of those sizes, so an element a kernel forgets to write holds
+    garbage (an out-of-range index, a NaN distance) and the checks fail, instead of
+    holding a lucky zero from a fresh page. Blocks served by fresh mmap pages (very
+    large sizes) read as zeros, which the oracle checks also catch unless code 0
+    happens to be the right answer.
+    """
+    junk = []
+    for n in numels:
+        n = int(n)
+        if n <= 0:
+            continue
+        junk.append(torch.full((n,), -(2 ** 62), dtype=torch.int64))
+        junk.append(torch.full((n,), math.nan, dtype=torch.float32))
+        junk.append(torch.full((n,), math.nan, dtype=torch.float64))
+    del junk
