@@ -23,8 +23,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _mm_t(a, b):
+    """a @ b.T with every element computed alike. With one row in ``a`` the product is
+    a matrix-vector product, and BLAS's gemv sums the last (len(b) mod 4) rows of ``b``
+    in another order than the others, so exact duplicate rows of ``b`` (duplicate
+    codes) would get different products and break 'ties go to the lowest index'.
+    Two copies of the row make it a gemm, which treats every row of ``b`` alike."""
+    if a.shape[0] == 1:
+        return (torch.cat([a, a]) @ b.t())[:1]
+    return a @ b.t()
+
+
 def project_codebook(basis, weight, bias=None):
     """The implicit codebook Q = basis @ weight.T + bias, (K, d)."""
+    if weight.shape[0] == 1:  # d = 1: a gemv over the basis rows, see _mm_t
+        bias2 = None if bias is None else torch.cat([bias, bias])
+        return F.linear(basis, torch.cat([weight, weight]), bias2)[:, :1]
     return F.linear(basis, weight, bias)
 
 
@@ -33,8 +47,24 @@ def pairwise_sq_dist(z, codebook):
     return (
         torch.sum(z**2, dim=1, keepdim=True)
         + torch.sum(codebook**2, dim=1)
-        - 2 * torch.einsum("bd,dn->bn", z, codebook.t())
+        - 2 * _mm_t(z, codebook)
     )
+
+
+@torch.no_grad()
+def first_of_duplicates(codebook):
+    """For each code, the lowest index holding an identical row, int64 (K,).
+
+    Exact duplicates tie exactly in exact arithmetic, but a GEMM may round their
+    products differently (their positions pick different kernel paths), so the search
+    results are mapped through this to honour 'ties go to the lowest index'.
+    """
+    k = codebook.shape[0]
+    _, inverse = torch.unique(codebook, dim=0, return_inverse=True)
+    first = torch.full((k,), k, dtype=torch.long, device=codebook.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(k, device=codebook.device),
+                                 reduce="amin", include_self=True)
+    return first[inverse]
 
 
 @torch.no_grad()
@@ -46,7 +76,7 @@ def nearest_code(z, codebook):
         return (torch.empty(0, dtype=torch.long, device=z.device),
                 torch.empty(0, dtype=dt, device=z.device))
     d = pairwise_sq_dist(z, codebook)
-    idx = torch.argmin(d, dim=1)
+    idx = first_of_duplicates(codebook)[torch.argmin(d, dim=1)]
     dist = d.gather(1, idx[:, None])[:, 0].clamp_min(0)
     return idx, dist
 
@@ -69,12 +99,14 @@ def nearest_code_chunked(z, codebook, chunk_n=DEFAULT_CHUNK_N, chunk_k=DEFAULT_C
         b = best[n0 : n0 + chunk_n]
         bi = idx[n0 : n0 + chunk_n]
         for k0 in range(0, k, chunk_k):
-            part = qn[k0 : k0 + chunk_k] - 2 * (zc @ codebook[k0 : k0 + chunk_k].t())
+            part = qn[k0 : k0 + chunk_k] - 2 * _mm_t(zc, codebook[k0 : k0 + chunk_k])
             v, i = torch.min(part, dim=1)
             better = v < b
             b.copy_(torch.where(better, v, b))
             bi.copy_(torch.where(better, i + k0, bi))
     dist = (torch.sum(z**2, dim=1) + best).clamp_min(0)
+    if n:
+        idx = first_of_duplicates(codebook)[idx]
     return idx, dist
 
 
@@ -82,8 +114,14 @@ def simvq_quantize(z, basis, weight, bias=None):
     """Official SimVQ forward: Q = Linear(basis), argmin of the official distance,
     zq = embedding(idx, Q). Differentiable w.r.t. weight and bias by plain autograd
     (whose embedding backward builds a dense K x d gradient). Returns (zq, idx, dist).
+
+    bf16/fp16 inputs are widened to float32 before the projection (as everywhere in
+    this module), so the search sees the exact codebook, not one rounded to bf16/fp16;
+    only zq is rounded to z's dtype.
     """
-    codebook = project_codebook(basis, weight, bias)
+    dt = compute_dtype(z.dtype)
+    codebook = project_codebook(basis.to(dt), weight.to(dt),
+                                None if bias is None else bias.to(dt))
     idx, dist = nearest_code(z.detach(), codebook.detach())
     zq = F.embedding(idx, codebook).to(z.dtype)
     return zq, idx, dist

@@ -418,7 +418,7 @@ def test_layer_fuzz(backend, device, p):
         O.assert_close_scaled(layer.bias.grad.cpu(), ref["db"], ref["scale_db"], rtol, "db", atol)
 
 
-# ------------------------------------------------------------ known bugs (xfail)
+# ------------------------------------------------- regression tests for bugs 02 and 03
 
 def _identical_codes(k, d, seed, dtype=torch.float32):
     """K exact copies of one code, far from the origin, and a token near it."""
@@ -442,9 +442,6 @@ def _bug03_cases(backend):
 
 @pytest.mark.parametrize("backend", [p.values[0] for p in BACKEND_DEVICES
                                      if p.values[1] == "cpu"])
-@pytest.mark.xfail(strict=True, reason="bug 03: exact duplicate codes are not tie-broken "
-                   "to the lowest index in a one-token kernel tile (BLAS gemv path) or a "
-                   "narrow last code tile; see /tmp/issue8_bugs/03.md")
 def test_bug03_duplicate_codes_single_token_tile(backend):
     """Every code is the same vector, so every token's nearest code is code 0 (ties go
     to the lowest index). Tokens alone in a kernel tile (N = 1; N = 257 on 'cpu';
@@ -462,9 +459,6 @@ def test_bug03_duplicate_codes_single_token_tile(backend):
 
 @pytest.mark.parametrize("backend", [p.values[0] for p in BACKEND_DEVICES
                                      if p.values[1] == "cpu"])
-@pytest.mark.xfail(strict=True, reason="bug 03: with d = 1, identical basis rows project to "
-                   "different codes (BLAS gemv path), so the tie goes to a later copy; see "
-                   "/tmp/issue8_bugs/03.md")
 def test_bug03_duplicate_basis_rows_d1(backend):
     bad = []
     for seed in range(24):
@@ -479,8 +473,6 @@ def test_bug03_duplicate_basis_rows_d1(backend):
     assert not bad, f"{len(bad)} cases pick a later copy of code 0, e.g. {bad[:3]}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug 02: the 'reference' backend rounds the projected "
-                   "codebook to bf16/fp16 before the search; see /tmp/issue8_bugs/02.md")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bug02_reference_projects_low_precision_in_fp32(dtype):
     """bf16/fp16 inputs accumulate in fp32 (design.md §2; reference.py's docstring says
@@ -498,8 +490,6 @@ def test_bug02_reference_projects_low_precision_in_fp32(dtype):
                      O.unit_roundoff(dtype), what="reference")
 
 
-@pytest.mark.xfail(strict=True, reason="bug 02: the 'reference' backend accumulates the "
-                   "codebook gradient in bf16; see /tmp/issue8_bugs/02.md")
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_bug02_reference_low_precision_grads_accumulate_in_fp32(dtype):
     """255 tokens on one code: dW = g^T B[idx] sums 255 products per element; summed in

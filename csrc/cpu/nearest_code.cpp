@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <unordered_map>
 #include <limits>
 #include <vector>
 
@@ -241,13 +243,27 @@ void scan_range(const T* z, const T* q, const T* qn, int64_t d, int64_t n_begin,
     val[i] = std::numeric_limits<T>::infinity();
     idx[i] = k_begin;  // only read if every value is +inf, which finite inputs exclude
   }
+  // A one-token tile would be a matrix-vector product, and BLAS's gemv computes the
+  // last (bk mod 4) codes in another summation order than the others, so exact
+  // duplicate codes would get different values and a later copy could win the tie.
+  // Multiply two copies of the token instead: the gemm path treats every code alike.
+  const T* zt = z + n_begin * d;
+  int64_t bm = bn;
+  std::vector<T> zpad;
+  if (bn == 1) {
+    zpad.resize(2 * d);
+    std::copy(zt, zt + d, zpad.begin());
+    std::copy(zt, zt + d, zpad.begin() + d);
+    zt = zpad.data();
+    bm = 2;  // the tile buffer has kBlockN >= 2 rows
+  }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
     const int64_t bk = std::min(kBlockK, k_end - k0);
     // tile[i][j] = -2 * z[n_begin + i] . q[k0 + j] (the scaling by 2 is exact)
     if (have_fortran_blas()) {
-      tile_gemm(bn, bk, d, T(-2), z + n_begin * d, q + k0 * d, tile, kBlockK);
+      tile_gemm(bm, bk, d, T(-2), zt, q + k0 * d, tile, kBlockK);
     } else {
-      tile_gemm_aten<T>(bn, bk, d, T(-2), z + n_begin * d, q + k0 * d, tile, kBlockK);
+      tile_gemm_aten<T>(bm, bk, d, T(-2), zt, q + k0 * d, tile, kBlockK);
     }
     for (int64_t i = 0; i < bn; ++i) {
       update_best(tile + i * kBlockK, qn + k0, static_cast<int32_t>(bk), k0, val + i,
@@ -315,6 +331,52 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
   }
 }
 
+// Exact duplicate codes tie exactly in exact arithmetic, but BLAS may round their
+// products differently (a code's position in a tile picks the micro-kernel and its
+// summation order), so a later copy could win. After the search, every pick is mapped
+// to the lowest index holding a bitwise-identical row (-0.0 counted as 0.0), which is
+// what 'ties go to the lowest index' means. O(K * d) hashing, no effect without
+// duplicates.
+template <typename T>
+void remap_to_first_duplicate(const T* q, int64_t K, int64_t d, int64_t* idx, int64_t N) {
+  std::vector<uint64_t> hash(K);
+  at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      uint64_t h = 1469598103934665603ull;
+      for (int64_t j = 0; j < d; ++j) {
+        T v = q[k * d + j] + T(0);  // -0.0 + 0.0 == +0.0
+        uint64_t bits = 0;
+        std::memcpy(&bits, &v, sizeof(T));
+        h = (h ^ bits) * 1099511628211ull;
+      }
+      hash[k] = h;
+    }
+  });
+  auto same = [&](int64_t a, int64_t b) {
+    for (int64_t j = 0; j < d; ++j)
+      if (!(q[a * d + j] == q[b * d + j])) return false;
+    return true;
+  };
+  std::unordered_map<uint64_t, std::vector<int64_t>> reps;
+  reps.reserve(K);
+  std::vector<int64_t> first(K);
+  bool any = false;
+  for (int64_t k = 0; k < K; ++k) {
+    auto& list = reps[hash[k]];
+    first[k] = k;
+    for (int64_t r : list) {
+      if (same(r, k)) {
+        first[k] = r;
+        any = true;
+        break;
+      }
+    }
+    if (first[k] == k) list.push_back(k);
+  }
+  if (!any) return;
+  for (int64_t n = 0; n < N; ++n) idx[n] = first[idx[n]];
+}
+
 void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
   SIMVQ_CHECK_DIM(z, 2);
   SIMVQ_CHECK_DIM(codebook, 2);
@@ -356,6 +418,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
                                    z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
                                    idx.data_ptr<int64_t>(), val.data_ptr<double>());
                              }));
+      if (compute == at::kDouble) {
+        remap_to_first_duplicate<double>(cb.data_ptr<double>(), K, d, idx.data_ptr<int64_t>(), N);
+      } else {
+        remap_to_first_duplicate<float>(cb.data_ptr<float>(), K, d, idx.data_ptr<int64_t>(), N);
+      }
     }
   }
   // Returned distance: ||z||^2 (accumulated in double) + min(||Q||^2 - 2 z.Q), >= 0.
@@ -400,10 +467,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
   const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // The implicit codebook, K x d (the size of the codebook itself, never N x K),
   // projected in the compute precision so low-precision inputs are not rounded twice.
-  at::Tensor codebook = bias.has_value()
-                            ? at::addmm(bias->to(compute), basis.to(compute),
-                                        weight.to(compute).t())
-                            : at::mm(basis.to(compute), weight.to(compute).t());
+  // With d = 1 the product would be a gemv over the basis rows, which rounds the last
+  // (K mod 4) rows differently, so identical basis rows would give different codes:
+  // project two copies of the weight row (gemm path) and keep the first column.
+  at::Tensor w = weight.to(compute);
+  at::Tensor b = bias.has_value() ? bias->to(compute) : at::Tensor();
+  const bool pad = w.size(0) == 1;
+  if (pad) {
+    w = at::cat({w, w});
+    if (b.defined()) b = at::cat({b, b});
+  }
+  at::Tensor codebook = b.defined() ? at::addmm(b, basis.to(compute), w.t())
+                                    : at::mm(basis.to(compute), w.t());
+  if (pad) codebook = codebook.slice(1, 0, 1).contiguous();
   auto [idx, dist] = nearest_code_impl(z, codebook);
   at::Tensor zq = codebook.index_select(0, idx).to(z.scalar_type());
   return {zq, idx, dist};
