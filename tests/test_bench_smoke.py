@@ -15,8 +15,10 @@ def test_tiny_preset_end_to_end(tmp_path):
     out_csv = tmp_path / "tiny.csv"
     out_md = tmp_path / "tiny.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "simvq_kernels.bench", "--preset", "tiny", "--peers", "cdist,faiss",
-         "--repeat", "3", "--no-progress", "--csv", str(out_csv), "--markdown", str(out_md)],
+        [sys.executable, "-m", "simvq_kernels.bench", "--preset", "tiny",
+         "--peers", "cdist,faiss", "--repeat", "3", "--min-time", "0", "--quiet-wait", "0",
+         "--contention-retries", "0", "--no-progress", "--csv", str(out_csv),
+         "--markdown", str(out_md)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
