@@ -9,8 +9,9 @@ from .backends import (
     backend_status,
     select_backend,
 )
-from .metrics import CodebookUsage, codebook_usage
-from .nn import SimVQ
+from .metrics import CodebookUsage, codebook_usage, sync_codebook_usage
+from .nn import ResidualSimVQ, SimVQ
+from .distributed import ShardedSimVQ, sharded_nearest_code
 from .ops import nearest_code, nearest_code_ex, quantize, simvq_quantize
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CodebookUsage",
+    "ResidualSimVQ",
+    "ShardedSimVQ",
     "SimVQ",
     "available_backends",
     "backend_status",
@@ -26,6 +29,8 @@ __all__ = [
     "nearest_code_ex",
     "quantize",
     "select_backend",
+    "sharded_nearest_code",
     "simvq_quantize",
+    "sync_codebook_usage",
     "__version__",
 ]

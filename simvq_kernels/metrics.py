@@ -71,3 +71,28 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> dict:
     out = u.summary()
     out["counts"] = u.counts
     return out
+
+
+# ------------------------------------------------------------ distributed training
+
+def all_reduce_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum per-code ``counts`` over the ranks of ``group`` (torch.distributed, any
+    backend) and return the result; ``counts`` itself is not modified. A collective:
+    every rank of the group must call it. Without an initialised process group (or with
+    one rank) it returns a copy."""
+    import torch.distributed as dist
+
+    out = counts.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def sync_codebook_usage(usage: CodebookUsage, group=None) -> CodebookUsage:
+    """A new :class:`CodebookUsage` holding the counts of ``usage`` summed over the
+    ranks of ``group`` -- the statistics of the global batch stream (the official
+    SimVQ code reports per-process counts). A collective: call it on every rank. The
+    per-rank ``usage`` is left unchanged, so it can keep accumulating."""
+    out = CodebookUsage(usage.codebook_size, device=usage.counts.device)
+    out.counts = all_reduce_counts(usage.counts, group=group)
+    return out

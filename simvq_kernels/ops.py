@@ -7,6 +7,23 @@
 The compiled backends are ``torch.ops.simvq.*`` (schemas in csrc/simvq.cpp). Their fake
 (meta) kernels and autograd formulas are registered here, once, when the extension is
 first loaded (see ``_ext.load``), so they work with autograd and FakeTensor tracing.
+
+torch.compile: the public ops trace with no graph break (``fullgraph=True`` works).
+Inside a compiled region (``torch.compiler.is_compiling()``)
+
+- the backend is resolved at trace time (``torch.compiler.assume_constant_result``; the
+  result is a constant of the graph, as it depends only on the device type and dtype);
+- the non-finite check, a data-dependent branch in eager mode, is queued with
+  ``torch._assert_async`` instead (a failure raises ``RuntimeError`` when the graph runs,
+  rather than the eager ``ValueError``); ``check_finite=False`` / ``SIMVQ_CHECK_FINITE=0``
+  still turn it off (the variable is read when the graph is traced);
+- nothing is logged;
+- the 'reference' and 'chunked' searches run as the custom ops
+  ``simvq_py::reference_nearest_code`` / ``simvq_py::chunked_nearest_code`` (their
+  tie rule uses ``torch.unique``, whose output shape is data-dependent).
+
+Load the extension before tracing (``SimVQ.__init__`` does; for the bare ops call
+:func:`ensure_loaded` once, or let the trace-time backend resolution load it).
 """
 from __future__ import annotations
 
@@ -16,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _ext, _validate, reference
-from .backends import select_backend
+from .backends import BackendUnavailableError, select_backend
 
 log = logging.getLogger("simvq_kernels")
 
@@ -82,21 +99,126 @@ def _register_python_parts():
                                     setup_context=_quantize_setup_context)
 
 
+# ------------------------------------------- the pure-PyTorch searches as custom ops
+# The 'reference' and 'chunked' searches end with ``reference.first_of_duplicates``
+# (ties to the lowest index among exact duplicate codes), whose ``torch.unique`` has a
+# data-dependent output shape: Dynamo would break the graph there. Inside a compiled
+# region the two searches therefore run as opaque custom ops (device-generic, with fake
+# kernels), and the differentiable assembly of zq around them is traced as usual.
+
+@torch.library.custom_op("simvq_py::reference_nearest_code", mutates_args=())
+def _reference_nearest_op(z: torch.Tensor, codebook: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    idx, dist = reference.nearest_code(z, codebook)
+    return idx.clone(), dist.clone()
+
+
+@torch.library.custom_op("simvq_py::chunked_nearest_code", mutates_args=())
+def _chunked_nearest_op(z: torch.Tensor, codebook: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    idx, dist = reference.nearest_code_chunked(z, codebook)
+    return idx.clone(), dist.clone()
+
+
+def _fake_py_nearest(z, codebook):
+    n = z.shape[0]
+    return (z.new_empty((n,), dtype=torch.long),
+            z.new_empty((n,), dtype=reference.compute_dtype(z.dtype)))
+
+
+_reference_nearest_op.register_fake(_fake_py_nearest)
+_chunked_nearest_op.register_fake(_fake_py_nearest)
+
+
+def _py_nearest(name, z, codebook):
+    if _compiling():
+        op = _reference_nearest_op if name == "reference" else _chunked_nearest_op
+        return op(z, codebook)
+    fn = reference.nearest_code if name == "reference" else reference.nearest_code_chunked
+    return fn(z, codebook)
+
+
+def _py_quantize_traced(name, z, basis, weight, bias):
+    """reference.simvq_quantize / simvq_quantize_chunked with the search as a custom op
+    (same math, for tracing)."""
+    dt = reference.compute_dtype(z.dtype)
+    if name == "reference":
+        codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
+                                              None if bias is None else bias.to(dt))
+        idx, dist = _reference_nearest_op(z.detach(), codebook.detach())
+        zq = torch.nn.functional.embedding(idx, codebook).to(z.dtype)
+        return zq, idx, dist
+    with torch.no_grad():
+        codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
+                                              None if bias is None else bias.to(dt))
+    idx, dist = _chunked_nearest_op(z, codebook)
+    rows = basis.index_select(0, idx)
+    zq = torch.nn.functional.linear(rows, weight, bias).to(z.dtype)
+    return zq, idx, dist
+
+
+# --------------------------------------------------------------- compile-safe helpers
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.compiler.assume_constant_result
+def _select_backend_traced(backend, device_type, device_index, dtype):
+    # Runs in plain Python at trace time; its result is baked into the graph (Dynamo
+    # guards on the input's device and dtype, which are the only inputs it depends on).
+    device = torch.device(device_type) if device_index is None else \
+        torch.device(device_type, device_index)
+    try:
+        return select_backend(backend, device, dtype)
+    except (BackendUnavailableError, ValueError) as e:  # re-raised by _select, unwrapped
+        return "!" + type(e).__name__ + ":" + str(e)
+
+
+@torch.compiler.assume_constant_result
+def _finite_check_enabled_traced(check_finite):
+    return _validate.finite_check_enabled(check_finite)
+
+
+def _select(backend, device, dtype) -> str:
+    if _compiling():
+        if not isinstance(backend, str):
+            raise TypeError(f"`backend` must be a string, got {type(backend).__name__}")
+        name = _select_backend_traced(backend, device.type, device.index, dtype)
+        if name.startswith("!"):
+            kind, _, msg = name[1:].partition(":")
+            raise (BackendUnavailableError if kind == "BackendUnavailableError"
+                   else ValueError)(msg)
+        return name
+    return select_backend(backend, device, dtype)
+
+
+def _check_finite(named, check_finite) -> None:
+    if not _compiling():
+        _validate.check_finite_values(named, _validate.finite_check_enabled(check_finite))
+        return
+    if not _finite_check_enabled_traced(check_finite):
+        return
+    for name, t in named:
+        if t is None or t.numel() == 0:
+            continue
+        torch._assert_async(torch.isfinite(t).all(),
+                            f"simvq_kernels: `{name}` contains NaN or infinite values")
+
+
 # ---------------------------------------------------------------------- public ops
 
 def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None) -> NearestOutput:
     """Like :func:`nearest_code`, also returning which backend ran."""
     _validate.check_nearest_code(z, codebook)
-    _validate.check_finite_values((("z", z), ("codebook", codebook)),
-                                  _validate.finite_check_enabled(check_finite))
-    name = select_backend(backend, z.device, z.dtype)
-    log.debug("nearest_code: backend=%s N=%d K=%d d=%d", name, z.shape[0], codebook.shape[0],
-              z.shape[1])
+    _check_finite((("z", z), ("codebook", codebook)), check_finite)
+    name = _select(backend, z.device, z.dtype)
+    if not _compiling():
+        log.debug("nearest_code: backend=%s N=%d K=%d d=%d", name, z.shape[0],
+                  codebook.shape[0], z.shape[1])
     z, codebook = z.detach(), codebook.detach()
-    if name == "reference":
-        idx, dist = reference.nearest_code(z, codebook)
-    elif name == "chunked":
-        idx, dist = reference.nearest_code_chunked(z, codebook)
+    if name in ("reference", "chunked"):
+        idx, dist = _py_nearest(name, z, codebook)
     else:  # compiled backends: cpu, cuda
         idx, dist = torch.ops.simvq.nearest_code(z, codebook)
     return NearestOutput(idx, dist.to(_dist_dtype(z.dtype)), name)
@@ -126,14 +248,16 @@ def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None
              ) -> QuantizeOutput:
     """Like :func:`simvq_quantize`, returning zq, indices, distances and the backend."""
     _validate.check_quantize(z, basis, weight, bias)
-    _validate.check_finite_values(
-        (("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
-        _validate.finite_check_enabled(check_finite))
-    name = select_backend(backend, z.device, z.dtype)
-    log.debug("simvq_quantize: backend=%s N=%d K=%d d=%d r=%d", name, z.shape[0],
-              basis.shape[0], z.shape[1], basis.shape[1])
+    _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
+                  check_finite)
+    name = _select(backend, z.device, z.dtype)
+    if not _compiling():
+        log.debug("simvq_quantize: backend=%s N=%d K=%d d=%d r=%d", name, z.shape[0],
+                  basis.shape[0], z.shape[1], basis.shape[1])
     z = z.detach()  # zq does not depend on z differentiably (argmin is piecewise constant)
-    if name == "reference":
+    if name in ("reference", "chunked") and _compiling():
+        zq, idx, dist = _py_quantize_traced(name, z, basis, weight, bias)
+    elif name == "reference":
         zq, idx, dist = reference.simvq_quantize(z, basis, weight, bias)
     elif name == "chunked":
         zq, idx, dist = reference.simvq_quantize_chunked(z, basis, weight, bias)
@@ -162,5 +286,13 @@ def simvq_quantize(z, basis, weight, bias: Optional[torch.Tensor] = None, backen
     return out.zq, out.indices
 
 
-def _ensure_loaded():
-    _ext.load()
+def ensure_loaded() -> bool:
+    """Load the compiled extension now (and register its fake kernels and autograd).
+
+    Call it before ``torch.compile`` traces code that uses the bare ops; ``SimVQ``
+    calls it in its constructor. Returns whether the extension is available.
+    """
+    return _ext.load() is not None
+
+
+_ensure_loaded = ensure_loaded  # old private name
