@@ -1,0 +1,149 @@
+"""The collapse demos (python/train_images.py, python/train_audio.py) in their tiny
+--quick mode: each runs end to end in seconds into a temporary folder and writes its
+table, CSV, JSON and figures. The claim itself (SimVQ keeps the codebook in use where
+plain VQ collapses) is shown by the committed default-run results in python/results/,
+not asserted here: a few dozen steps cannot show it.
+
+Also checks the pieces the demos rely on: the plain-VQ baseline's loss, straight-through
+estimator and gradients, the data split and determinism, and that importing
+simvq_kernels imports neither the experiments nor matplotlib.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = {"images": ("train_images.py", ("skimage", "matplotlib"),
+                       ("utilisation_vs_k.png", "utilisation_over_steps.png",
+                        "recon_grid.png")),
+            "audio": ("train_audio.py", ("matplotlib",),
+                      ("utilisation_vs_k.png", "utilisation_over_steps.png",
+                       "recon_examples.png"))}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_quick_run_writes_its_outputs(name, tmp_path):
+    script, needs, pngs = PROGRAMS[name]
+    for mod in needs:
+        pytest.importorskip(mod)
+    from simvq_kernels.experiments.train import parse_markdown_table
+
+    out = tmp_path / name
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "python", script), "--quick", "--no-progress",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    rows = parse_markdown_table((out / "results.md").read_text())
+    assert {(r["K"], r["quantiser"]) for r in rows} == {
+        (k, q) for k in ("64", "256") for q in ("plain VQ", "SimVQ")}
+    metric = "PSNR (dB)" if name == "images" else "SNR (dB)"
+    for r in rows:
+        util = float(r["held-out utilisation"].rstrip("%"))
+        assert 0 < util <= 100
+        assert 1 <= int(r["codes used"]) <= int(r["K"])
+        assert 1 <= float(r["perplexity"]) <= int(r["K"])
+        assert math.isfinite(float(r["MSE"])) and float(r["MSE"]) >= 0
+        assert math.isfinite(float(r[metric]))
+
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["task"] == name and len(payload["results"]) == 4
+    for r in payload["results"]:
+        assert r["history"] and r["history"][-1]["step"] == payload["config"]["steps"]
+        assert r["tokens_per_code"] >= 10  # full utilisation is possible
+    csv_lines = (out / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("quantiser,codebook_size")
+    for png in pngs:
+        blob = (out / png).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) < 300_000, png
+
+
+def test_package_import_does_not_import_the_demos():
+    code = ("import sys, simvq_kernels; "
+            "bad = [m for m in ('simvq_kernels.experiments', 'matplotlib', 'skimage') "
+            "if m in sys.modules]; print(bad); assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # and importing the experiments does not import matplotlib either (plots are lazy)
+    code = ("import sys, simvq_kernels.experiments; "
+            "assert 'matplotlib' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_plain_vq_matches_simvq_loss_and_estimator():
+    from simvq_kernels import reference
+    from simvq_kernels.experiments.models import PlainVQ
+
+    torch.manual_seed(0)
+    q = PlainVQ(8, 16, channel_first=True)
+    assert float(q.codebook.detach().abs().max()) <= 1 / 16  # taming's U(-1/K, 1/K)
+    z = torch.randn(2, 8, 3, 5, requires_grad=True)
+    out, idx, loss = q(z)
+    assert out.shape == z.shape and idx.shape == (2, 3, 5) and idx.dtype == torch.long
+    flat = z.detach().movedim(1, -1).reshape(-1, 8)
+    d = torch.cdist(flat.double(), q.codebook.detach().double())
+    assert torch.equal(idx.reshape(-1), d.argmin(1))
+    zq = q.codebook.detach()[idx.reshape(-1)]
+    torch.testing.assert_close(loss, reference.simvq_loss(flat, zq, 0.25, False))
+    torch.testing.assert_close(out.detach().movedim(1, -1).reshape(-1, 8), zq)
+    torch.testing.assert_close(q.indices_to_codes(idx), out.detach())
+    (out.sum() + loss).backward()
+    # straight-through: d out / d z = 1, plus the commitment term 2 beta (z - zq) / numel
+    commit = (2 * 0.25 / flat.numel()) * (flat - zq)
+    torch.testing.assert_close(z.grad.movedim(1, -1).reshape(-1, 8), 1 + commit)
+    # only the picked codes get a gradient (why plain VQ collapses)
+    used = torch.zeros(16, dtype=torch.bool)
+    used[idx.reshape(-1)] = True
+    g = q.embedding.weight.grad
+    assert bool((g[~used] == 0).all()) and bool((g[used].abs().sum(1) > 0).all())
+
+
+def test_same_encoder_decoder_for_both_quantisers():
+    from simvq_kernels.experiments.models import build_autoencoder
+
+    kw = dict(in_ch=1, dim=8, hidden=16, n_down=2, nd=1, seed=3)
+    a = build_autoencoder("plain", 32, **kw)
+    b = build_autoencoder("simvq", 32, **kw)
+    for part in ("encoder", "decoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randn(2, 1, 64)
+    assert a(x)[0].shape == x.shape and b(x)[0].shape == x.shape
+
+
+def test_synthetic_speech_is_deterministic():
+    from simvq_kernels.experiments.data import synth_speech
+
+    a = synth_speech(2, 0.25, seed=7)
+    b = synth_speech(2, 0.25, seed=7)
+    c = synth_speech(2, 0.25, seed=8)
+    assert a.shape == (2, 4000) and a.dtype.name == "float32"
+    assert (a == b).all() and not (a == c).all()
+    assert 0.3 < float(abs(a).max()) < 0.6 and float(a.std()) > 0.01
+
+
+def test_heldout_crops_never_touch_training_pixels():
+    from simvq_kernels.experiments.data import CropSource
+
+    # one image whose columns are numbered: a crop's column values give its position
+    w, h = 200, 40
+    img = torch.arange(w, dtype=torch.float32).repeat(3, h, 1)
+    src = CropSource([("cols", img)], crop=16)
+    cut = src.split[0]
+    gen = torch.Generator().manual_seed(0)
+    train = src.train_batch(gen, 200)
+    held = src.heldout_set(200, seed=1)
+    assert float(train.max()) < cut <= float(held.min())
+    assert torch.equal(held, src.heldout_set(200, seed=1))
