@@ -269,7 +269,12 @@ def test_k_just_below_the_cpu_kernel_limit_is_accepted_by_the_check():
     assert idx.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("backend", ["reference", "compiled_fake"])
+@pytest.mark.parametrize("backend", [
+    pytest.param("reference", marks=pytest.mark.xfail(
+        strict=True, reason="bug 07: the reference/chunked tie remap (torch.unique(dim=0)) "
+        "has no meta kernel, so the meta device they declare fails; see "
+        "/tmp/issue8_bugs/07.md")),
+    "compiled_fake"])
 def test_n_beyond_32_bits_gives_int64_indices(backend):
     """Shapes only, on the meta device: N = 2^31 + 5 tokens -> int64 (N,) indices."""
     n = 2 ** 31 + 5
@@ -468,12 +473,10 @@ def test_layer_constructor_arguments(kwargs, pattern):
         sk.SimVQ(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug 04: ResidualSimVQ counts usage (and sets "
-                   "last_backend) stage by stage, so a later stage's error leaves the earlier "
-                   "stages half-updated; see /tmp/issue8_bugs/04.md")
 def test_residual_layer_failing_stage_leaves_earlier_stages_unchanged():
     """A later stage that rejects its input must not leave the earlier stages' usage
-    counts (or last_backend) updated: the whole forward fails, so nothing is counted."""
+    counts (or last_backend) updated: the whole forward fails, so nothing is counted.
+    (Regression test for bug 04, /tmp/issue8_bugs/04.md.)"""
     if not hasattr(sk, "ResidualSimVQ"):
         pytest.skip("ResidualSimVQ is not part of this version")
     torch.manual_seed(0)
