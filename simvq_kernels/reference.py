@@ -62,6 +62,8 @@ def first_of_duplicates(codebook):
     k = codebook.shape[0]
     if codebook.shape[1] == 0:  # zero-width codes are all identical
         return torch.zeros(k, dtype=torch.long, device=codebook.device)
+    if codebook.device.type == "meta":  # no values to compare: shape-only tracing
+        return torch.arange(k, device=codebook.device)
     _, inverse = torch.unique(codebook, dim=0, return_inverse=True)
     first = torch.full((k,), k, dtype=torch.long, device=codebook.device)
     first = first.scatter_reduce(0, inverse, torch.arange(k, device=codebook.device),
