@@ -270,10 +270,7 @@ def test_k_just_below_the_cpu_kernel_limit_is_accepted_by_the_check():
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("reference", marks=pytest.mark.xfail(
-        strict=True, reason="bug 07: the reference/chunked tie remap (torch.unique(dim=0)) "
-        "has no meta kernel, so the meta device they declare fails; see "
-        "/tmp/issue8_bugs/07.md")),
+    "reference",  # bug 07 regression: the tie remap is skipped on meta tensors
     "compiled_fake"])
 def test_n_beyond_32_bits_gives_int64_indices(backend):
     """Shapes only, on the meta device: N = 2^31 + 5 tokens -> int64 (N,) indices."""
