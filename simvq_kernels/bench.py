@@ -50,7 +50,8 @@ Method
       dz, dW and db with autograd through the float64 reference at the provider's own
       picks (normwise relative tolerance 1e-4 for fp32 products).
     - Ceiling: torch.mm of a cache-resident 1024 x d by d x 1024 tile into a
-      preallocated output (8192 x d x 8192 on CUDA), as GFLOP/s per d.
+      preallocated output (8192 x d x 8192 on CUDA), as GFLOP/s per d, measured at the
+      start and at the end of the run; the higher of the two is the limit used.
     - Providers that build the N x K matrix (reference, cdist, vq-pytorch) are skipped
       when 3*N*K*4 bytes exceed 40% of the RAM (device memory on CUDA); a provider
       whose warm-up run makes ``--repeat`` runs exceed ``--case-budget`` seconds gets
@@ -774,12 +775,27 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
     return time.perf_counter() - t0
 
 
-def run_measured(spec: dict, timeout: float, quiet_wait: float, retries: int) -> dict:
+class QuietGate:
+    """Waits for a quiet machine before each row: at most ``per_row`` seconds each and
+    ``total`` seconds over the whole run (then it stops waiting, and rows that were
+    contended say so), so a machine that is never quiet still finishes."""
+
+    def __init__(self, per_row: float, total: float):
+        self.per_row, self.left, self.waited = per_row, total, 0.0
+
+    def wait(self):
+        if self.per_row > 0 and self.left > 0:
+            w = wait_for_quiet(min(self.per_row, self.left))
+            self.left -= w
+            self.waited += w
+
+
+def run_measured(spec: dict, timeout: float, gate: QuietGate, retries: int) -> dict:
     """``run_in_child`` after waiting for a quiet machine; a run that was contended
     anyway is retried up to ``retries`` times and the least contended result is kept."""
     best = None
     for attempt in range(retries + 1):
-        wait_for_quiet(quiet_wait)
+        gate.wait()
         out = run_in_child(spec, timeout)
         out["attempts"] = attempt + 1
         if out["status"] != "ok":
@@ -972,7 +988,8 @@ class _NoProgress:
 
 def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, repeat=None,
                   check_rows: int = 1024, case_budget: float = 60.0, min_time: float = 1.0,
-                  case_timeout: float = 900.0, quiet_wait: float = 120.0,
+                  case_timeout: float = 900.0, quiet_wait: float = 60.0,
+                  quiet_wait_total: float = 600.0,
                   contention_retries: int = 2, threads: Optional[int] = None, seed: int = 0,
                   progress: bool = True) -> BenchResult:
     """Runs ``preset`` and returns its rows (no printing)."""
@@ -1006,26 +1023,32 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                 continue
             plan.append((p, case))
     ds = sorted({c.shape.d for c in preset.cases})
-    bar = tqdm(total=len(plan) + len(ds), desc=f"bench {preset.name}", unit="case",
+    bar = tqdm(total=len(plan) + 2 * len(ds), desc=f"bench {preset.name}", unit="case",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    ceilings = {}
-    for d in ds:
-        bar.set_postfix_str(f"ceiling d={d}")
-        out = run_measured(dict(base, op="ceiling", d=d), case_timeout, quiet_wait,
-                           contention_retries)
-        if out["status"] == "ok":
-            ceilings[d] = out["gflops"]
-            if (out.get("foreign_cores") or 0.0) > CONTENTION_CORES:
-                notes.append(f"ceiling d={d}: contended: other processes used "
-                             f"{out['foreign_cores']:.2f} cores while timing")
-        else:
-            notes.append(f"ceiling d={d}: {out.get('error') or out.get('reason')}")
-        bar.update(1)
+    gate = QuietGate(quiet_wait, quiet_wait_total)
+
+    def measure_ceilings(when):
+        got = {}
+        for d in ds:
+            bar.set_postfix_str(f"ceiling d={d} ({when})")
+            out = run_measured(dict(base, op="ceiling", d=d), case_timeout, gate,
+                               contention_retries)
+            if out["status"] == "ok":
+                got[d] = out["gflops"]
+                if (out.get("foreign_cores") or 0.0) > CONTENTION_CORES:
+                    notes.append(f"ceiling d={d} ({when}): contended: other processes used "
+                                 f"{out['foreign_cores']:.2f} cores while timing")
+            else:
+                notes.append(f"ceiling d={d} ({when}): {out.get('error') or out.get('reason')}")
+            bar.update(1)
+        return got
+
+    ceil_start = measure_ceilings("start")
     rows = []
     for p, case in plan:
         s = case.shape
         bar.set_postfix_str(f"{p} {OPS[case.op]} {s.label}")
-        row = Row(p, s, case.op, ceiling=ceilings.get(s.d), note=case.note)
+        row = Row(p, s, case.op, note=case.note)
         why = skip_reason(p, case, device, total_mem)
         if why == "n/a":
             bar.update(1)
@@ -1035,7 +1058,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         else:
             spec = dict(base, provider=p, op=case.op,
                         shape={"n": s.n, "k": s.k, "d": s.d, "r": s.r})
-            out = run_measured(spec, case_timeout, quiet_wait, contention_retries)
+            out = run_measured(spec, case_timeout, gate, contention_retries)
             if out["status"] == "ok":
                 row.times = out["times"]
                 row.peak_bytes = out["peak_bytes"]
@@ -1056,7 +1079,19 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                           file=sys.stderr)
         rows.append(row)
         bar.update(1)
+    ceil_end = measure_ceilings("end")
     bar.close()
+    # The ceiling is a limit: the better of the two measurements (start and end of the run)
+    ceilings = {d: max(x for x in (ceil_start.get(d), ceil_end.get(d)) if x is not None)
+                for d in ds if d in ceil_start or d in ceil_end}
+    for d in ds:
+        if d in ceil_start and d in ceil_end:
+            notes.append(f"ceiling d={d}: {ceil_start[d]:.1f} GFLOP/s at the start, "
+                         f"{ceil_end[d]:.1f} at the end; the higher is used")
+    for r in rows:
+        r.ceiling = ceilings.get(r.shape.d)
+    if gate.waited >= 1:
+        notes.append(f"waited {gate.waited:.0f} s in all for other processes to leave the CPUs")
     _fill_ratios(rows)
     ext = sk.backend_status()
     if ext.get("cpu"):
@@ -1207,8 +1242,10 @@ def format_markdown(result: BenchResult, plot_path: Optional[str] = None,
         md += ["", "Command:", "", "```", command, "```"]
     md += ["", format_markdown_table(result.rows), ""]
     if result.ceilings:
-        md.append("Matmul ceiling (torch.mm of a cache-resident 1024 x d x 1024 tile into a "
-                  "preallocated output): " + ", ".join(
+        t = 8192 if result.device.startswith("cuda") else 1024
+        md.append(f"Matmul ceiling (torch.mm of a cache-resident {t} x d x {t} tile into a "
+                  "preallocated output, the better of the start and end of the run): "
+                  + ", ".join(
                       f"d={d}: {g:.1f} GFLOP/s" for d, g in sorted(result.ceilings.items())))
         md.append("")
     md.append("GFLOP/s counts 2·N·K·d per call for every op. `x ref` / `x faiss` = their "
@@ -1362,9 +1399,11 @@ def parse_args(argv=None):
                          "have been timed (default 1; 0 = exactly --repeat runs)")
     ap.add_argument("--case-timeout", type=float, default=900.0,
                     help="kill a row's child process after this many seconds (default 900)")
-    ap.add_argument("--quiet-wait", type=float, default=120.0,
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
                     help="before each row, wait up to this many seconds for other processes "
-                         "to leave the CPUs (default 120; 0 = don't wait)")
+                         "to leave the CPUs (default 60; 0 = don't wait)")
+    ap.add_argument("--quiet-wait-total", type=float, default=600.0,
+                    help="stop waiting for quiet after this many seconds in all (default 600)")
     ap.add_argument("--contention-retries", type=int, default=2,
                     help="re-run a row this many times if others used the CPUs while it was "
                          "timed, keeping the least contended run (default 2)")
@@ -1397,6 +1436,7 @@ def main(argv=None) -> int:
                            device=args.device, repeat=args.repeat, check_rows=args.check_rows,
                            case_budget=args.case_budget, min_time=args.min_time,
                            case_timeout=args.case_timeout, quiet_wait=args.quiet_wait,
+                           quiet_wait_total=args.quiet_wait_total,
                            contention_retries=args.contention_retries,
                            threads=args.threads, seed=args.seed,
                            progress=not args.no_progress)
