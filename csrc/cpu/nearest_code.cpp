@@ -13,15 +13,22 @@
 // is split at tile boundaries and the partial results are merged in code order with a
 // strict '<', so the lowest index wins ties exactly as a sequential scan would.
 //
-// Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over chunks of
-// tokens (memory O(chunk * r)), grad_bias = sum_n grad_zq; no K x d buffer, no atomics.
+// The first tile of a token's code range is reduced in one pass (a per-lane argmin);
+// later tiles use the two-pass scheme below. ||z||^2 and the returned distance are
+// computed in the same task, while the tile's tokens are in cache.
+//
+// Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over fixed chunks
+// of tokens (memory O(chunk * r) per chunk in flight), grad_bias = sum_n grad_zq; no
+// K x d buffer, no atomics, and the same bits for any thread count (chunk partials are
+// single-threaded gemms of fixed shapes, added in chunk order).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <unordered_map>
+#include <memory>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -38,12 +45,31 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc)
     __attribute__((weak));
+// MKL: the calling thread's BLAS thread count (returns the previous one; 0 = global).
+// (mkl_service.h maps the C name mkl_set_num_threads_local to this symbol; the
+// lower-case export is the Fortran interface, which takes a pointer.)
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace simvq {
 namespace {
 
 bool have_fortran_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// Runs the enclosed BLAS calls on the calling thread only. Inside a parallel region MKL
+// does so anyway; outside one (a single task) it could split a product over threads,
+// and the kernels' results must not depend on the thread count.
+struct SingleThreadedBlas {
+  int prev = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+};
 
 // Row-major tile[i][j] = alpha * a[i] . b[j] for a (m x k, row stride k) and
 // b (n x k, row stride k); tile row stride ldc. In BLAS's column-major terms this is
@@ -173,18 +199,128 @@ __attribute__((target("avx2"))) int32_t first_equal_avx2(const float* c, const f
 }
 #endif
 
+// One-pass argmin (value and lowest index), used for a token's first tile, where the
+// running best is +inf and the two-pass scheme would always run its second pass. Each
+// vector lane keeps its own (min, index) with a strict '<' (so the earliest position in
+// the lane wins), and lanes are merged by value, then by lowest index.
+void row_argmin_scalar(const float* c, const float* qn, int32_t n, float* m_out,
+                       int32_t* j_out) {
+  float m = std::numeric_limits<float>::infinity();
+  int32_t mj = 0;
+  for (int32_t j = 0; j < n; ++j) {
+    const float v = c[j] + qn[j];
+    if (v < m) {
+      m = v;
+      mj = j;
+    }
+  }
+  *m_out = m;
+  *j_out = mj;
+}
+
+#ifdef SIMVQ_X86
+__attribute__((target("avx512f"))) void row_argmin_avx512(const float* c, const float* qn,
+                                                         int32_t n, float* m_out,
+                                                         int32_t* j_out) {
+  constexpr int W = 16;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  // two accumulators over alternating vectors: a holds positions j, b positions j + W
+  __m512 ba = inf, bb = inf;
+  __m512i ia = _mm512_setzero_si512(), ib = _mm512_setzero_si512();
+  __m512i pa = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i pb = _mm512_add_epi32(pa, _mm512_set1_epi32(W));
+  const __m512i step = _mm512_set1_epi32(2 * W);
+  int32_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const __m512 va = _mm512_add_ps(_mm512_loadu_ps(c + j), _mm512_loadu_ps(qn + j));
+    const __m512 vb = _mm512_add_ps(_mm512_loadu_ps(c + j + W), _mm512_loadu_ps(qn + j + W));
+    const __mmask16 la = _mm512_cmp_ps_mask(va, ba, _CMP_LT_OQ);
+    const __mmask16 lb = _mm512_cmp_ps_mask(vb, bb, _CMP_LT_OQ);
+    ba = _mm512_mask_mov_ps(ba, la, va);
+    ia = _mm512_mask_mov_epi32(ia, la, pa);
+    bb = _mm512_mask_mov_ps(bb, lb, vb);
+    ib = _mm512_mask_mov_epi32(ib, lb, pb);
+    pa = _mm512_add_epi32(pa, step);
+    pb = _mm512_add_epi32(pb, step);
+  }
+  // merge b into a: take b's lane if its value is lower, or equal with a lower index
+  const __mmask16 take = _mm512_cmp_ps_mask(bb, ba, _CMP_LT_OQ) |
+                         (_mm512_cmp_ps_mask(bb, ba, _CMP_EQ_OQ) &
+                          _mm512_cmplt_epi32_mask(ib, ia));
+  ba = _mm512_mask_mov_ps(ba, take, bb);
+  ia = _mm512_mask_mov_epi32(ia, take, ib);
+  float m = _mm512_reduce_min_ps(ba);
+  int32_t mj = 0;
+  if (m < std::numeric_limits<float>::infinity()) {
+    const __mmask16 eq = _mm512_cmp_ps_mask(ba, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    mj = _mm512_mask_reduce_min_epi32(eq, ia);
+  }
+  for (; j < n; ++j) {  // tail: higher positions than every vector lane, so strict '<'
+    const float v = c[j] + qn[j];
+    if (v < m) {
+      m = v;
+      mj = j;
+    }
+  }
+  *m_out = m;
+  *j_out = mj;
+}
+
+__attribute__((target("avx2"))) void row_argmin_avx2(const float* c, const float* qn,
+                                                    int32_t n, float* m_out, int32_t* j_out) {
+  constexpr int W = 8;
+  __m256 best = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256i bidx = _mm256_setzero_si256();
+  __m256i pos = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(W);
+  int32_t j = 0;
+  for (; j + W <= n; j += W) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(qn + j));
+    const __m256 lt = _mm256_cmp_ps(v, best, _CMP_LT_OQ);
+    best = _mm256_blendv_ps(best, v, lt);
+    bidx = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(bidx), _mm256_castsi256_ps(pos), lt));
+    pos = _mm256_add_epi32(pos, step);
+  }
+  alignas(32) float bv[W];
+  alignas(32) int32_t bi[W];
+  _mm256_store_ps(bv, best);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bi), bidx);
+  float m = std::numeric_limits<float>::infinity();
+  int32_t mj = 0;
+  for (int l = 0; l < W; ++l) {
+    if (bv[l] < m || (bv[l] == m && bi[l] < mj)) {
+      m = bv[l];
+      mj = bi[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const float v = c[j] + qn[j];
+    if (v < m) {
+      m = v;
+      mj = j;
+    }
+  }
+  *m_out = m;
+  *j_out = mj;
+}
+#endif
+
 struct RowArgminF32 {
   float (*row_min)(const float*, const float*, int32_t);
   int32_t (*first_equal)(const float*, const float*, int32_t, float);
+  void (*row_argmin)(const float*, const float*, int32_t, float*, int32_t*);
 };
 
 RowArgminF32 pick_row_argmin_f32() {
 #ifdef SIMVQ_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {row_min_avx512, first_equal_avx512};
-  if (__builtin_cpu_supports("avx2")) return {row_min_avx2, first_equal_avx2};
+  if (__builtin_cpu_supports("avx512f"))
+    return {row_min_avx512, first_equal_avx512, row_argmin_avx512};
+  if (__builtin_cpu_supports("avx2"))
+    return {row_min_avx2, first_equal_avx2, row_argmin_avx2};
 #endif
-  return {row_min_scalar, first_equal_scalar};
+  return {row_min_scalar, first_equal_scalar, row_argmin_scalar};
 }
 
 const RowArgminF32& row_argmin_f32_impl() {
@@ -212,6 +348,16 @@ void row_argmin_f64(const double* c, const double* qn, int32_t n, double* best_v
 inline void update_best(const float* c, const float* qn, int32_t n, int64_t k0, float* val,
                         int64_t* idx) {
   const RowArgminF32& f = row_argmin_f32_impl();
+  if (!(*val < std::numeric_limits<float>::infinity())) {  // first tile: one pass
+    float m;
+    int32_t j;
+    f.row_argmin(c, qn, n, &m, &j);
+    if (m < *val) {
+      *val = m;
+      *idx = k0 + j;
+    }
+    return;
+  }
   const float m = f.row_min(c, qn, n);
   if (m < *val) {
     const int32_t j = f.first_equal(c, qn, n, m);
@@ -230,6 +376,26 @@ inline void update_best(const double* c, const double* qn, int32_t n, int64_t k0
     *val = m;
     *idx = k0 + j;
   }
+}
+
+// Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
+// (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
+// The per-thread tile buffer, allocated once per thread (kBlockN x kBlockK values: 1 MiB
+// for float, 2 MiB for double) and reused by every call; never zero-filled, since every
+// element read was written by the tile's gemm first.
+template <typename T>
+T* thread_tile() {
+  thread_local std::unique_ptr<T[]> buf;
+  if (!buf) buf.reset(new T[kBlockN * kBlockK]);
+  return buf.get();
+}
+
+// ||z_n||^2 accumulated in double.
+template <typename T>
+double sq_norm(const T* x, int64_t d) {
+  double s = 0;
+  for (int64_t j = 0; j < d; ++j) s += double(x[j]) * double(x[j]);
+  return s;
 }
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
@@ -272,23 +438,27 @@ void scan_range(const T* z, const T* q, const T* qn, int64_t d, int64_t n_begin,
   }
 }
 
+// Returned distance: ||z||^2 (accumulated in double) + min(||Q||^2 - 2 z.Q), >= 0.
+template <typename T>
+T final_distance(const T* zrow, int64_t d, T partial) {
+  return static_cast<T>(std::max(0.0, sq_norm(zrow, d) + double(partial)));
+}
+
 template <typename T>
 void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d,
                          int64_t* out_idx, T* out_val) {
   // ||Q_k||^2 from the same values that enter the product, accumulated in double.
   std::vector<T> qn(K);
   at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      double s = 0;
-      for (int64_t j = 0; j < d; ++j) s += double(q[k * d + j]) * double(q[k * d + j]);
-      qn[k] = static_cast<T>(s);
-    }
+    for (int64_t k = b; k < e; ++k) qn[k] = static_cast<T>(sq_norm(q + k * d, d));
   });
 
   const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
   const int64_t k_tiles = (K + kBlockK - 1) / kBlockK;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Split the code range only when token tiles alone cannot keep every thread busy.
+  // (The thread count only decides where the code range is split; every split is
+  // merged in code order, so the result does not depend on it.)
   int64_t splits = 1;
   if (n_tiles < 2 * threads) {
     splits = std::min<int64_t>(k_tiles, (2 * threads + n_tiles - 1) / n_tiles);
@@ -301,7 +471,8 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
   const int64_t tasks = n_tiles * splits;
 
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<T> tile(kBlockN * kBlockK);
+    SingleThreadedBlas one_thread;
+    T* tile = thread_tile<T>();
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t nt = t / splits, s = t % splits;
       const int64_t n0 = nt * kBlockN, n1 = std::min(N, n0 + kBlockN);
@@ -309,7 +480,10 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
       const int64_t k1 = std::min(K, k0 + tiles_per_split * kBlockK);
       T* val = splits > 1 ? part_val.data() + s * N + n0 : out_val + n0;
       int64_t* idx = splits > 1 ? part_idx.data() + s * N + n0 : out_idx + n0;
-      scan_range<T>(z, q, qn.data(), d, n0, n1, k0, k1, tile.data(), val, idx);
+      scan_range<T>(z, q, qn.data(), d, n0, n1, k0, k1, tile, val, idx);
+      if (splits == 1) {  // the tile's tokens are still in cache
+        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
+      }
     }
   });
 
@@ -324,57 +498,85 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
             i = part_idx[s * N + n];
           }
         }
-        out_val[n] = v;
+        out_val[n] = final_distance(z + n * d, d, v);
         out_idx[n] = i;
       }
     });
   }
 }
 
-// Exact duplicate codes tie exactly in exact arithmetic, but BLAS may round their
-// products differently (a code's position in a tile picks the micro-kernel and its
-// summation order), so a later copy could win. After the search, every pick is mapped
-// to the lowest index holding a bitwise-identical row (-0.0 counted as 0.0), which is
-// what 'ties go to the lowest index' means. O(K * d) hashing, no effect without
-// duplicates.
+// For each row of x (K x w), the lowest index holding a bitwise-identical row (-0.0
+// counted as 0.0). Returns an empty vector when every row is distinct. O(K * w):
+// a parallel hash of the rows, then one sequential pass over an open-addressing table
+// in index order (so the first copy is always the one found).
 template <typename T>
-void remap_to_first_duplicate(const T* q, int64_t K, int64_t d, int64_t* idx, int64_t N) {
+std::vector<int64_t> first_identical_rows(const T* x, int64_t K, int64_t w) {
   std::vector<uint64_t> hash(K);
   at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       uint64_t h = 1469598103934665603ull;
-      for (int64_t j = 0; j < d; ++j) {
-        T v = q[k * d + j] + T(0);  // -0.0 + 0.0 == +0.0
+      for (int64_t j = 0; j < w; ++j) {
+        T v = x[k * w + j] + T(0);  // -0.0 + 0.0 == +0.0
         uint64_t bits = 0;
         std::memcpy(&bits, &v, sizeof(T));
         h = (h ^ bits) * 1099511628211ull;
       }
-      hash[k] = h;
+      hash[k] = h ^ (h >> 29);
     }
   });
   auto same = [&](int64_t a, int64_t b) {
-    for (int64_t j = 0; j < d; ++j)
-      if (!(q[a * d + j] == q[b * d + j])) return false;
+    for (int64_t j = 0; j < w; ++j)
+      if (!(x[a * w + j] == x[b * w + j])) return false;
     return true;
   };
-  std::unordered_map<uint64_t, std::vector<int64_t>> reps;
-  reps.reserve(K);
-  std::vector<int64_t> first(K);
-  bool any = false;
+  int64_t cap = 16;
+  while (cap < 2 * K) cap <<= 1;
+  std::vector<int64_t> table(cap, -1);  // row index of the first row seen with a hash
+  std::vector<int64_t> first;
   for (int64_t k = 0; k < K; ++k) {
-    auto& list = reps[hash[k]];
-    first[k] = k;
-    for (int64_t r : list) {
-      if (same(r, k)) {
-        first[k] = r;
-        any = true;
+    int64_t slot = int64_t(hash[k] & uint64_t(cap - 1));
+    int64_t found = -1;
+    while (table[slot] >= 0) {
+      const int64_t r = table[slot];
+      if (hash[r] == hash[k] && same(r, k)) {
+        found = r;
         break;
       }
+      slot = (slot + 1) & (cap - 1);
     }
-    if (first[k] == k) list.push_back(k);
+    if (found < 0) {
+      table[slot] = k;
+    } else {
+      if (first.empty()) {
+        first.resize(K);
+        for (int64_t i = 0; i < K; ++i) first[i] = i;
+      }
+      first[k] = found;
+    }
   }
-  if (!any) return;
+  return first;
+}
+
+// Exact duplicate codes tie exactly in exact arithmetic, but BLAS may round their
+// products differently (a code's position in a tile picks the micro-kernel and its
+// summation order), so a later copy could win. After the search, every pick is mapped
+// to the lowest index holding a bitwise-identical row, which is what 'ties go to the
+// lowest index' means. No effect without duplicates.
+template <typename T>
+void remap_to_first_duplicate(const T* rows, int64_t K, int64_t w, int64_t* idx, int64_t N) {
+  if (N == 0 || w == 0) return;
+  const std::vector<int64_t> first = first_identical_rows(rows, K, w);
+  if (first.empty()) return;
   for (int64_t n = 0; n < N; ++n) idx[n] = first[idx[n]];
+}
+
+void remap_by_rows(const at::Tensor& rows, at::Tensor& idx) {
+  const at::Tensor x = rows.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "simvq_remap_duplicates", [&] {
+    remap_to_first_duplicate<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                                       idx.data_ptr<int64_t>(), idx.size(0));
+  });
 }
 
 void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
@@ -399,36 +601,97 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
   const at::Tensor cb = cb_in.to(compute).contiguous();
   const int64_t N = z.size(0), K = cb.size(0), d = z.size(1);
   at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
-  at::Tensor val = at::empty({N}, z.options());
-  if (N > 0) {
-    if (d == 0) {  // every code is at distance 0: the lowest index wins
-      idx.zero_();
-      val.zero_();
+  at::Tensor dist = at::empty({N}, z.options());
+  if (N == 0) return {idx, dist};
+  if (d == 0) {  // every code is at distance 0: the lowest index wins
+    idx.zero_();
+    dist.zero_();
+    return {idx, dist};
+  }
+  AT_DISPATCH_SWITCH(compute, "simvq_nearest_code_cpu",
+                     AT_DISPATCH_CASE(at::kFloat,
+                                      [&] {
+                                        nearest_code_kernel<float>(
+                                            z.data_ptr<float>(), cb.data_ptr<float>(), N, K, d,
+                                            idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+                                      })
+                         AT_DISPATCH_CASE(at::kDouble, [&] {
+                           nearest_code_kernel<double>(
+                               z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
+                               idx.data_ptr<int64_t>(), dist.data_ptr<double>());
+                         }));
+  remap_by_rows(cb, idx);
+  return {idx, dist};
+}
+
+// grad_weight = g^T @ rows (d x r) and grad_bias = sum_n g (d), summed so that the
+// result does not depend on the thread count: the tokens are cut into fixed chunks of
+// kBwdChunk (a function of N only), each chunk's partial is one single-threaded gemm of
+// the same shape on every run, and the partials are added in chunk order. Groups of
+// kBwdGroup chunks run in parallel, bounding the scratch memory to kBwdGroup partials
+// plus kBwdGroup gathered chunks.
+constexpr int64_t kBwdChunk = 1024;
+constexpr int64_t kBwdGroup = 8;
+
+template <typename T>
+void chunk_grad(const T* g, const T* B, const int64_t* idx, int64_t n0, int64_t n1,
+                int64_t d, int64_t r, T* rows, T* dw, double* db) {
+  const int64_t m = n1 - n0;
+  for (int64_t i = 0; i < m; ++i) std::copy(B + idx[n0 + i] * r, B + idx[n0 + i] * r + r, rows + i * r);
+  // row-major dw (d x r) = g_chunk^T (d x m) @ rows (m x r); column-major: dw^T (r x d) =
+  // rows^T (r x m) @ g_chunk (m x d), i.e. gemm('N', 'T') on the row-major buffers.
+  const T* gc = g + n0 * d;
+  SingleThreadedBlas one_thread;
+  if (have_fortran_blas()) {
+    const int M = int(r), Nn = int(d), Kk = int(m), lda = int(r), ldb = int(d), ldc = int(r);
+    const T one = 1, zero = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_("N", "T", &M, &Nn, &Kk, &one, rows, &lda, gc, &ldb, &zero, dw, &ldc);
     } else {
-      AT_DISPATCH_SWITCH(compute, "simvq_nearest_code_cpu",
-                         AT_DISPATCH_CASE(at::kFloat,
-                                          [&] {
-                                            nearest_code_kernel<float>(
-                                                z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
-                                                d, idx.data_ptr<int64_t>(),
-                                                val.data_ptr<float>());
-                                          })
-                             AT_DISPATCH_CASE(at::kDouble, [&] {
-                               nearest_code_kernel<double>(
-                                   z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
-                                   idx.data_ptr<int64_t>(), val.data_ptr<double>());
-                             }));
-      if (compute == at::kDouble) {
-        remap_to_first_duplicate<double>(cb.data_ptr<double>(), K, d, idx.data_ptr<int64_t>(), N);
-      } else {
-        remap_to_first_duplicate<float>(cb.data_ptr<float>(), K, d, idx.data_ptr<int64_t>(), N);
+      dgemm_("N", "T", &M, &Nn, &Kk, &one, rows, &lda, gc, &ldb, &zero, dw, &ldc);
+    }
+  } else {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor G = at::from_blob(const_cast<T*>(gc), {m, d}, opts);
+    at::Tensor R = at::from_blob(rows, {m, r}, opts);
+    at::Tensor C = at::from_blob(dw, {d, r}, opts);
+    at::mm_out(C, G.t(), R);
+  }
+  for (int64_t j = 0; j < d; ++j) db[j] = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < d; ++j) db[j] += double(gc[i * d + j]);
+}
+
+template <typename T>
+void quantize_backward_kernel(const T* g, const T* B, const int64_t* idx, int64_t N,
+                              int64_t d, int64_t r, T* dw_out, T* db_out) {
+  const int64_t dr = d * r;
+  std::vector<double> dw(dr, 0.0), db(d, 0.0);  // accumulated in double, in chunk order
+  const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
+  const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
+  std::vector<T> part(group * dr), rows(group * kBwdChunk * r);
+  std::vector<double> part_db(group * d);
+  for (int64_t c0 = 0; c0 < chunks; c0 += group) {
+    const int64_t c1 = std::min(chunks, c0 + group);
+    at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t s = c - c0;
+        chunk_grad<T>(g, B, idx, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk), d, r,
+                      rows.data() + s * kBwdChunk * r, part.data() + s * dr,
+                      part_db.data() + s * d);
       }
+    });
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* p = part.data() + (c - c0) * dr;
+      const double* pb = part_db.data() + (c - c0) * d;
+      at::parallel_for(0, dr, 16384, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dw[i] += double(p[i]);
+      });
+      for (int64_t j = 0; j < d; ++j) db[j] += pb[j];
     }
   }
-  // Returned distance: ||z||^2 (accumulated in double) + min(||Q||^2 - 2 z.Q), >= 0.
-  at::Tensor zn = z.to(at::kDouble).square().sum(1);
-  at::Tensor dist = (zn + val.to(at::kDouble)).clamp_min_(0).to(compute);
-  return {idx, dist};
+  for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(dw[i]);
+  for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(db[j]);
 }
 
 }  // namespace
@@ -481,6 +744,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
                                     : at::mm(basis.to(compute), w.t());
   if (pad) codebook = codebook.slice(1, 0, 1).contiguous();
   auto [idx, dist] = nearest_code_impl(z, codebook);
+  // Identical basis rows are the same code whatever the projection, but the projection
+  // gemm may round them differently by row position (its kernel path depends on the
+  // shape), so a later copy could win: map picks to the lowest identical basis row too.
+  if (z.size(0) > 0 && basis.size(1) > 0) remap_by_rows(basis, idx);
   at::Tensor zq = codebook.index_select(0, idx).to(z.scalar_type());
   return {zq, idx, dist};
 }
@@ -499,19 +766,35 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
   SIMVQ_CHECK(weight.size(0) == grad_zq.size(1) && weight.size(1) == basis.size(1),
               "`weight` must be (d, r) = (", grad_zq.size(1), ", ", basis.size(1),
               "), got ", weight.sizes());
+  SIMVQ_CHECK(grad_zq.device().is_cpu() && basis.device().is_cpu() &&
+                  indices.device().is_cpu(),
+              "the CPU kernel got tensors on another device");
   const auto compute = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_zq.to(compute).contiguous();
   const at::Tensor B = basis.to(compute).contiguous();
-  const int64_t N = g.size(0), d = g.size(1), r = B.size(1);
-  at::Tensor dW = at::zeros({d, r}, g.options());
-  // Gather-GEMM in token chunks: memory O(chunk * r), sequential and deterministic.
-  constexpr int64_t kChunk = 8192;
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    const int64_t n1 = std::min(N, n0 + kChunk);
-    at::Tensor rows = B.index_select(0, indices.slice(0, n0, n1));
-    dW.addmm_(g.slice(0, n0, n1).t(), rows);
+  const at::Tensor ix = indices.contiguous();
+  const int64_t N = g.size(0), d = g.size(1), r = B.size(1), K = B.size(0);
+  if (N > 0) {
+    const auto [lo, hi] = at::aminmax(ix);
+    SIMVQ_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < K, "`indices` must lie in [0, ",
+                K, "), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
-  at::Tensor db = g.sum(0);
+  at::Tensor dW = at::empty({d, r}, g.options());
+  at::Tensor db = at::empty({d}, g.options());
+  AT_DISPATCH_SWITCH(compute, "simvq_quantize_backward_cpu",
+                     AT_DISPATCH_CASE(at::kFloat,
+                                      [&] {
+                                        quantize_backward_kernel<float>(
+                                            g.data_ptr<float>(), B.data_ptr<float>(),
+                                            ix.data_ptr<int64_t>(), N, d, r,
+                                            dW.data_ptr<float>(), db.data_ptr<float>());
+                                      })
+                         AT_DISPATCH_CASE(at::kDouble, [&] {
+                           quantize_backward_kernel<double>(
+                               g.data_ptr<double>(), B.data_ptr<double>(),
+                               ix.data_ptr<int64_t>(), N, d, r, dW.data_ptr<double>(),
+                               db.data_ptr<double>());
+                         }));
   return {dW.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }
 
