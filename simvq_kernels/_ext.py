@@ -40,7 +40,11 @@ def load():
 
                 ops._register_python_parts()
                 _state["module"] = mod
-            except (ImportError, OSError, RuntimeError) as e:
+            # Any failure while importing a compiled module (ImportError for a missing
+            # file or symbol, OSError for a bad library, and whatever its static
+            # initialisers or our registration raise) leaves the pure-PyTorch backends
+            # working; it is reported once and kept for `python -m simvq_kernels.info`.
+            except Exception as e:  # noqa: BLE001 (reported, not swallowed)
                 _state["error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(
                     "simvq_kernels: the compiled extension could not be loaded "

@@ -7,9 +7,18 @@ stall the stream on every call, so there the check is queued with
 ``torch._assert_async`` (no host sync; a failure surfaces as a device-side assert at the
 next synchronisation). ``check_finite=False`` or the environment variable
 ``SIMVQ_CHECK_FINITE=0`` turns it off.
+
+Magnitudes: on CPU the same pass gives each input's largest |value|. Finite inputs so
+large that squared norms overflow float32 (max|x| * sqrt(d) >= 2^60), or so small that
+every product is subnormal (max|x| < 2^-56), are searched in float64 instead (indices
+exact for every finite input; distances still returned as float32, inf where they exceed
+its range). This needs the values on the host, so it is done on CPU only, and only when
+the finite check is on; on accelerators and inside torch.compile such inputs are the
+caller's responsibility.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -48,17 +57,56 @@ def finite_check_enabled(check_finite):
 
 
 def check_finite_values(named, enabled):
+    """Rejects NaN/inf. On CPU returns {name: max |value|} (the same single pass finds
+    both: a NaN or inf makes the maximum NaN or inf), used by :func:`needs_float64`;
+    elsewhere returns None (the check is queued, there is no value to look at)."""
     if not enabled:
-        return
+        return None
+    maxima = {}
     for name, t in named:
-        if t is None or t.numel() == 0:
+        if t is None:
             continue
-        if t.device.type in ("cpu", "meta"):
-            if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+        if t.numel() == 0:
+            maxima[name] = 0.0
+            continue
+        if t.device.type == "cpu":
+            m = float(t.detach().abs().amax())
+            if not math.isfinite(m):
                 raise ValueError(f"`{name}` contains NaN or infinite values")
+            maxima[name] = m
+        elif t.device.type == "meta":
+            maxima = None
         else:
             torch._assert_async(torch.isfinite(t).all(),
                                 f"simvq_kernels: `{name}` contains NaN or infinite values")
+            maxima = None
+        if maxima is None:
+            break
+    if maxima is None:  # finish queueing the checks of the remaining tensors
+        for name, t in named:
+            if t is not None and t.numel() and t.device.type not in ("cpu", "meta"):
+                torch._assert_async(torch.isfinite(t).all(),
+                                    f"simvq_kernels: `{name}` contains NaN or infinite values")
+    return maxima
+
+
+# Every dtype but float64 is searched in float32. Its intermediate values (||z||^2,
+# ||Q||^2, 2 z.Q and their sums) stay below 4 (sqrt(d) max|x|)^2, so they can overflow
+# once sqrt(d) max|x| nears 2^63; and when every value is below ~2^-56 the products fall
+# into float32's subnormal range and lose the precision the search needs. Outside this
+# window the CPU search runs on float64 copies (exact widening; float64's range covers
+# every finite float32), so no finite input gives a wrong index.
+F32_SAFE_MAX = 2.0 ** 60
+F32_SAFE_MIN = 2.0 ** -56
+
+
+def needs_float64(dtype, width, largest) -> bool:
+    """Whether a float32 search over values up to ``largest`` in magnitude (width d)
+    could overflow or lose precision to subnormals (see F32_SAFE_MAX / F32_SAFE_MIN)."""
+    if dtype == torch.float64 or largest is None:
+        return False
+    return largest > 0 and (largest * math.sqrt(max(1, width)) >= F32_SAFE_MAX
+                            or largest < F32_SAFE_MIN)
 
 
 def check_nearest_code(z, codebook):

@@ -130,6 +130,16 @@ _reference_nearest_op.register_fake(_fake_py_nearest)
 _chunked_nearest_op.register_fake(_fake_py_nearest)
 
 
+@torch.library.custom_op("simvq_py::first_of_duplicates", mutates_args=())
+def _first_of_duplicates_op(rows: torch.Tensor) -> torch.Tensor:
+    return reference.first_of_duplicates(rows).clone()
+
+
+@_first_of_duplicates_op.register_fake
+def _(rows):
+    return rows.new_empty((rows.shape[0],), dtype=torch.long)
+
+
 def _py_nearest(name, z, codebook):
     if _compiling():
         op = _reference_nearest_op if name == "reference" else _chunked_nearest_op
@@ -146,12 +156,14 @@ def _py_quantize_traced(name, z, basis, weight, bias):
         codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
                                               None if bias is None else bias.to(dt))
         idx, dist = _reference_nearest_op(z.detach(), codebook.detach())
+        idx = _first_of_duplicates_op(basis.detach())[idx]
         zq = torch.nn.functional.embedding(idx, codebook).to(z.dtype)
         return zq, idx, dist
     with torch.no_grad():
         codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
                                               None if bias is None else bias.to(dt))
     idx, dist = _chunked_nearest_op(z, codebook)
+    idx = _first_of_duplicates_op(basis.detach())[idx]
     rows = basis.index_select(0, idx)
     zq = torch.nn.functional.linear(rows, weight, bias).to(z.dtype)
     return zq, idx, dist
@@ -193,17 +205,19 @@ def _select(backend, device, dtype) -> str:
     return select_backend(backend, device, dtype)
 
 
-def _check_finite(named, check_finite) -> None:
+def _check_finite(named, check_finite):
+    """Rejects NaN/inf; in eager mode on CPU returns {name: max |value|} (else None)."""
     if not _compiling():
-        _validate.check_finite_values(named, _validate.finite_check_enabled(check_finite))
-        return
+        return _validate.check_finite_values(named,
+                                             _validate.finite_check_enabled(check_finite))
     if not _finite_check_enabled_traced(check_finite):
-        return
+        return None
     for name, t in named:
         if t is None or t.numel() == 0:
             continue
         torch._assert_async(torch.isfinite(t).all(),
                             f"simvq_kernels: `{name}` contains NaN or infinite values")
+    return None
 
 
 # ---------------------------------------------------------------------- public ops
@@ -211,17 +225,22 @@ def _check_finite(named, check_finite) -> None:
 def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None) -> NearestOutput:
     """Like :func:`nearest_code`, also returning which backend ran."""
     _validate.check_nearest_code(z, codebook)
-    _check_finite((("z", z), ("codebook", codebook)), check_finite)
+    maxima = _check_finite((("z", z), ("codebook", codebook)), check_finite)
     name = _select(backend, z.device, z.dtype)
     if not _compiling():
         log.debug("nearest_code: backend=%s N=%d K=%d d=%d", name, z.shape[0],
                   codebook.shape[0], z.shape[1])
+    out_dtype = _dist_dtype(z.dtype)
     z, codebook = z.detach(), codebook.detach()
+    if maxima and _validate.needs_float64(z.dtype, z.shape[1], max(maxima.values())):
+        log.debug("nearest_code: values up to %.3g, searching in float64",
+                  max(maxima.values()))
+        z, codebook = z.double(), codebook.double()
     if name in ("reference", "chunked"):
         idx, dist = _py_nearest(name, z, codebook)
     else:  # compiled backends: cpu, cuda
         idx, dist = torch.ops.simvq.nearest_code(z, codebook)
-    return NearestOutput(idx, dist.to(_dist_dtype(z.dtype)), name)
+    return NearestOutput(idx, dist.to(out_dtype), name)
 
 
 def nearest_code(z, codebook, backend="auto", *, check_finite=None):
@@ -248,13 +267,26 @@ def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None
              ) -> QuantizeOutput:
     """Like :func:`simvq_quantize`, returning zq, indices, distances and the backend."""
     _validate.check_quantize(z, basis, weight, bias)
-    _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
-                  check_finite)
+    maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
+                           check_finite)
     name = _select(backend, z.device, z.dtype)
     if not _compiling():
         log.debug("simvq_quantize: backend=%s N=%d K=%d d=%d r=%d", name, z.shape[0],
                   basis.shape[0], z.shape[1], basis.shape[1])
+    in_dtype = z.dtype
     z = z.detach()  # zq does not depend on z differentiably (argmin is piecewise constant)
+    if maxima:
+        # every code obeys |Q_kj| <= r max|B| max|W| + max|b|
+        code_bound = (basis.shape[1] * maxima["basis"] * maxima["weight"]
+                      + maxima.get("bias", 0.0))
+        if _validate.needs_float64(z.dtype, z.shape[1], max(maxima["z"], code_bound)):
+            log.debug("simvq_quantize: values up to %.3g, searching in float64",
+                      max(maxima["z"], code_bound))
+            out = quantize(z.double(), basis.double(), weight.double(),
+                           None if bias is None else bias.double(), name,
+                           check_finite=False)  # differentiable casts: grads come back
+            return QuantizeOutput(out.zq.to(in_dtype), out.indices,
+                                  out.distances.to(_dist_dtype(in_dtype)), name)
     if name in ("reference", "chunked") and _compiling():
         zq, idx, dist = _py_quantize_traced(name, z, basis, weight, bias)
     elif name == "reference":

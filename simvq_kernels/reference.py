@@ -122,11 +122,16 @@ def simvq_quantize(z, basis, weight, bias=None):
     bf16/fp16 inputs are widened to float32 before the projection (as everywhere in
     this module), so the search sees the exact codebook, not one rounded to bf16/fp16;
     only zq is rounded to z's dtype.
+
+    Identical basis rows are the same code whatever the weight, but the projection GEMM
+    may round them differently by row position, so picks are also mapped to the lowest
+    identical basis row (ties go to the lowest index).
     """
     dt = compute_dtype(z.dtype)
     codebook = project_codebook(basis.to(dt), weight.to(dt),
                                 None if bias is None else bias.to(dt))
     idx, dist = nearest_code(z.detach(), codebook.detach())
+    idx = first_of_duplicates(basis.detach())[idx]
     zq = F.embedding(idx, codebook).to(z.dtype)
     return zq, idx, dist
 
@@ -142,6 +147,8 @@ def simvq_quantize_chunked(z, basis, weight, bias=None, chunk_n=DEFAULT_CHUNK_N,
         codebook = project_codebook(basis.to(dt), weight.to(dt),
                                     None if bias is None else bias.to(dt))
         idx, dist = nearest_code_chunked(z, codebook, chunk_n, chunk_k)
+        if idx.numel():
+            idx = first_of_duplicates(basis)[idx]
     rows = basis.index_select(0, idx)
     zq = F.linear(rows, weight, bias).to(z.dtype)
     return zq, idx, dist
