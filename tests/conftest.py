@@ -48,7 +48,7 @@ _COMMON = dict(
     print_blob=True,  # a failure prints @reproduce_failure(...) to replay it exactly
 )
 
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
 settings.register_profile(
     "long",
     max_examples=800,

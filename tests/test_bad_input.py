@@ -310,9 +310,9 @@ def _ops_rows():
         ("backward_indices_len", lambda: torch.ops.simvq.quantize_backward(
             Z(), B(), torch.zeros(4, dtype=torch.long), W()), r"`indices` has 4 entries"),
         ("backward_indices_range", lambda: torch.ops.simvq.quantize_backward(
-            Z(), B(k=7), torch.full((5,), 7, dtype=torch.long), W()), r"out of range|index"),
+            Z(), B(k=7), torch.full((5,), 7, dtype=torch.long), W()), r"`indices` must lie in \[0, 7\)"),
         ("backward_indices_negative", lambda: torch.ops.simvq.quantize_backward(
-            Z(), B(k=7), torch.full((5,), -1, dtype=torch.long), W()), r"out of range|index"),
+            Z(), B(k=7), torch.full((5,), -1, dtype=torch.long), W()), r"`indices` must lie in \[0, 7\)"),
     ]
 
 

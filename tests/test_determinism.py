@@ -10,10 +10,10 @@ What is promised and tested here:
   many token tiles, tile edges (N = 257, K = 1025).
 - Gradients (dW, db, dz) are bit-identical across runs at a given thread count, on every
   backend, for simvq_quantize and the SimVQ layer (no atomics anywhere on CPU). The CPU
-  kernel's backward is documented "sequential and deterministic" but its gather-GEMM
-  is a multithreaded BLAS call whose split of the token reduction depends on the thread
-  count, so dW changes in the last bits with the thread count (bug 08, strict xfail
-  until fixed or re-documented). The pure-PyTorch backends' autograd gradients are not
+  kernel's backward (dW, db) is also bit-identical across thread counts: fixed token
+  chunks, one single-threaded gemm per chunk, partials added in chunk order (bug 08
+  was a multithreaded BLAS call whose split of the token reduction followed the thread
+  count; now a regression test). The pure-PyTorch backends' autograd gradients are not
   documented thread-count independent (and are not: F.linear's backward is the same
   kind of BLAS call), so they are tested across runs only.
 
@@ -129,14 +129,16 @@ def test_grads_bit_identical_across_runs(backend, dtype, threads, restore_thread
         assert len(runs) == 1, f"N={n} K={k}: results differ between runs at {threads} threads"
 
 
-@pytest.mark.xfail(strict=True, reason="bug 08: the CPU kernel's backward (documented "
-                   "'sequential and deterministic') calls a multithreaded BLAS gemm whose "
-                   "reduction over tokens depends on the thread count; see "
-                   "/tmp/issue8_bugs/08.md")
+# the CPU backward's paths: one chunk of <= 1024 tokens (a lone gemm outside any parallel
+# region), a group of chunks, several groups of 8 chunks, wide d and r
+BACKWARD_SHAPES = QUANTIZE_SHAPES + [(1024, 50, 96), (8193, 40, 5), (17000, 300, 33)]
+
+
 def test_cpu_backward_independent_of_thread_count(restore_threads):
+    """Bug 08 regression test."""
     if "cpu" not in BACKENDS:
         pytest.fail(f"the compiled CPU backend is unavailable: {sk.backend_status()}")
-    for n, k, d in QUANTIZE_SHAPES:
+    for n, k, d in BACKWARD_SHAPES:
         prob = _quantize_problem(n, k, d, torch.float32)
         seen = {}
         for threads in THREADS:

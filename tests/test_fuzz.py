@@ -465,9 +465,6 @@ def test_bug03_duplicate_basis_rows_d1(backend):
 
 @pytest.mark.parametrize("backend", [p.values[0] for p in BACKEND_DEVICES
                                      if p.values[1] == "cpu"])
-@pytest.mark.xfail(strict=True, reason="bug 06: identical basis rows project to codes that "
-                   "differ in the last bit when d is not a multiple of 16, so the tie goes to "
-                   "a later copy; see /tmp/issue8_bugs/06.md")
 def test_bug06_duplicate_basis_rows_any_width(backend):
     """K identical basis rows are K copies of one code whatever the projection: every
     token's pick must be 0. Shapes where the projection GEMM rounds some rows through

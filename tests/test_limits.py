@@ -20,8 +20,8 @@ and magnitudes at the edges of float32.
   so a very wide d (2^18, 2^20) must work on every backend, and so must a wide basis r.
 - Magnitudes: every dtype but float64 is searched in float32. Finite inputs whose
   squared norms overflow float32 (|x| sqrt(d) >~ 2^63) or whose products fall into its
-  subnormal range (|x| <~ 2^-64) must still get the right indices (bug 01: they do not
-  yet). Distances are returned in float32 by contract, so there they may be inf (above
+  subnormal range (|x| <~ 2^-64) must still get the right indices (bug 01, fixed: on
+  CPU such inputs are searched in float64). Distances are returned in float32 by contract, so there they may be inf (above
   float32's range) or lose precision below its normal range; the test allows exactly
   that and nothing more.
 """
@@ -234,11 +234,10 @@ def test_magnitudes_inside_float32_range(backend, dtype, exp):
     O.check_nearest(z, q, idx, dist, O.unit_roundoff(dtype), what=f"{backend} 2^{exp}")
 
 
-@pytest.mark.xfail(strict=True, reason="bug 01: finite inputs beyond float32's safe range "
-                   "(overflowing squares, subnormal products) give silently wrong indices; "
-                   "see /tmp/issue8_bugs/01.md")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_magnitudes_beyond_float32_range_still_pick_right(backend):
+    """Bug 01 regression test: finite inputs outside float32's safe window are searched
+    in float64 on CPU (see _validate.needs_float64)."""
     failures = []
     for dtype in (torch.float32, torch.bfloat16):
         for exp in (-80, -70, 63, 70, 100):
@@ -253,16 +252,24 @@ def test_magnitudes_beyond_float32_range_still_pick_right(backend):
     assert not failures, f"{len(failures)} of 10 cases: {failures[:3]}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug 01 (quantize): a projected codebook beyond "
-                   "float32's safe range gives silently wrong indices; see "
-                   "/tmp/issue8_bugs/01.md")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantize_huge_codebook_still_picks_right(backend):
+    """Bug 01 regression test (quantize): the codebook bound r max|B| max|W| + max|b|."""
     g = torch.Generator().manual_seed(12)
     basis = torch.randn(400, 8, generator=g)
     weight = torch.randn(16, 8, generator=g) * 2.0 ** 62
     bias = torch.randn(16, generator=g) * 2.0 ** 62
     z = torch.randn(200, 16, generator=g) * 2.0 ** 63
-    out = sk.quantize(z, basis, weight, bias, backend=backend)
+    w = weight.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+    out = sk.quantize(z, basis, w, b, backend=backend)
     q64 = O.project64(basis, weight, bias)
     _check_picks_and_f32_distances(z, q64, out.indices, out.distances, backend)
+    assert out.zq.dtype == z.dtype and out.distances.dtype == torch.float32
+    # the float64 detour is differentiable: dW = g^T basis[idx], db = sum g, in float32
+    grad = torch.randn(200, 16, generator=g)
+    out.zq.backward(grad)
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    want_w = grad.double().t() @ basis.double()[out.indices]
+    torch.testing.assert_close(w.grad.double(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), grad.double().sum(0), rtol=1e-5, atol=1e-5)
