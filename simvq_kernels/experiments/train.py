@@ -27,9 +27,11 @@ from .models import QUANTISERS, build_autoencoder
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 1e-3
+    """Defaults: the image program's default run."""
+
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 2e-3
     beta: float = 0.25
     seed: int = 0
     plain_init: str = "uniform"
@@ -171,7 +173,7 @@ def run_sweep(task: Task, cfg: TrainConfig, codebook_sizes, quantisers=QUANTISER
             r = run_one(task, kind, k, cfg)
             results.append(r)
             log(f"[{task.name}] {kind:>5} K={k:>6}: held-out utilisation "
-                f"{r['utilisation']:6.1%} ({r['used']}/{k}), perplexity "
+                f"{format_percent(r['utilisation']):>6} ({r['used']}/{k}), perplexity "
                 f"{r['perplexity']:.0f}, MSE {r['mse']:.5f}, {task.recon_metric.upper()} "
                 f"{r[task.recon_metric]:.2f} dB  [train {r['train_seconds']:.0f} s, eval "
                 f"{r['eval_seconds']:.0f} s]")
