@@ -31,11 +31,12 @@ stride-0 expanded rows. N, K, d are biased to kernel tile edges (the CPU kernel 
 Outputs are poisoned before each call as far as possible (oracle.poison_heap).
 
 Profiles (tests/conftest.py, env HYPOTHESIS_PROFILE): 'ci' (default; derandomized, no
-database) and 'long' (random, 20x the examples, database outside the repo). Examples
+database) and 'long' (random, 8x the examples, database outside the repo). Examples
 per backend = profile max_examples x the factor in each test's @settings.
 
 Known bugs found by this suite are documented with their reproducer in the test
-functions named test_bugNN_* (xfail strict until fixed).
+functions named test_bugNN_* (strict xfails while open; all of them are fixed now and kept
+as regression tests).
 """
 from __future__ import annotations
 
@@ -395,9 +396,16 @@ def test_layer_fuzz(backend, device, p):
     rtol = O.grad_rtol(p["dtype"]) if (backend, p["dtype"]) not in BUG02_OPEN else 0.1
     atol = O.subnormal_spacing(p["dtype"])
     out_cl = (out.movedim(1, -1) if p["channel_first"] else out).reshape(-1, p["dim"])
-    # out = z + (zq - z): rounded in the layer dtype, so relative to |z| + |zq|
+    # out = z + (zq - z): rounded in the layer dtype, so relative to |z| + |zq|, and zq is
+    # a projection B[idx] W^T + b rounded relative to sum |B||W| + |b|, which exceeds |zq|
+    # when the sum cancels (found by the long profile: |zq| ~ 1e-5 from O(1) terms)
+    rows64 = layer.basis.detach().double().cpu()[flat_idx.cpu()]
+    proj_scale = rows64.abs() @ layer.weight.detach().double().cpu().abs().t()
+    if layer.bias is not None:
+        proj_scale = proj_scale + layer.bias.detach().double().cpu().abs()
     O.assert_close_scaled(out_cl.detach().cpu(), ref["out"],
-                          ref["out"].abs() + z_flat.double().abs(), 4 * rtol, "out", atol)
+                          ref["out"].abs() + z_flat.double().abs() + proj_scale, 4 * rtol,
+                          "out", atol)
     O.assert_close_scaled(loss.detach().cpu().reshape(()), ref["loss"], ref["scale_loss"],
                           4 * rtol, "loss", atol)
     dz = z_in.grad.movedim(1, -1) if p["channel_first"] else z_in.grad
