@@ -1189,8 +1189,8 @@ def evaluate_targets(result: BenchResult) -> list:
         if r.vs_faiss is not None:
             out.append((f"fused fwd >= 1.0x faiss at {r.shape.label}", f"{r.vs_faiss:.2f}x",
                         "met" if r.vs_faiss >= 1.0 else "MISSED"))
-    for r in fwd:
-        if r.frac_ceiling is not None:
+    for r in fwd:  # issue 2 sets the ceiling target on its four timing shapes
+        if r.frac_ceiling is not None and r.shape != MEMORY_SHAPE:
             out.append((f"fused fwd >= 75% of the ceiling at {r.shape.label}",
                         f"{100 * r.frac_ceiling:.1f}% of {r.ceiling:.0f} GFLOP/s",
                         "met" if r.frac_ceiling >= 0.75 else "MISSED"))
