@@ -58,7 +58,7 @@ def finite_check_enabled(check_finite):
 
 def check_finite_values(named, enabled):
     """Rejects NaN/inf. On CPU returns {name: max |value|} (the same single pass finds
-    both: a NaN or inf makes the maximum NaN or inf), used by :func:`needs_float64`;
+    both: a NaN or inf makes the min or max NaN or inf), used by :func:`needs_float64`;
     elsewhere returns None (the check is queued, there is no value to look at)."""
     if not enabled:
         return None
@@ -70,10 +70,10 @@ def check_finite_values(named, enabled):
             maxima[name] = 0.0
             continue
         if t.device.type == "cpu":
-            m = float(t.detach().abs().amax())
-            if not math.isfinite(m):
+            lo, hi = (float(v) for v in torch.aminmax(t.detach()))  # one pass, no copy
+            if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf propagate
                 raise ValueError(f"`{name}` contains NaN or infinite values")
-            maxima[name] = m
+            maxima[name] = max(-lo, hi)
         elif t.device.type == "meta":
             maxima = None
         else:
