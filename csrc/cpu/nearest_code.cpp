@@ -444,6 +444,180 @@ T final_distance(const T* zrow, int64_t d, T partial) {
   return static_cast<T>(std::max(0.0, sq_norm(zrow, d) + double(partial)));
 }
 
+// ---------------------------------------------------------------- small d (<= 16)
+// With few dimensions a tile product is cheap next to writing and re-reading its
+// output, so the tiled gemm path is bound by the tile's round trip through L2. For
+// d <= kSmallD (float32, AVX-512) the distances are instead formed in registers: the
+// codebook is stored once per call as blocks of 16 codes, dimension-major and scaled
+// by -2 (exact), and each group of 4 tokens runs v = ||Q||^2 + sum_j z_j (-2 Q_j) as
+// FMAs over the 16 codes of a block, folded at once into a per-lane (min, index).
+// Every (token, code) pair uses the same operation order wherever it sits, so exact
+// duplicate codes get identical values and the strict '<' scan in increasing code
+// order keeps the lowest index. Memory: K*d floats for the re-laid codebook.
+constexpr int64_t kSmallD = 16;
+constexpr int64_t kSmallDCodeBlock = 4096;  // codes per pass over a token tile (<= 256 KiB)
+constexpr int64_t kSmallDTokens = 4;         // tokens per register group
+
+#ifdef SIMVQ_X86
+// Scans the 16-code blocks [b0, b1) (an even count) for 4 tokens z4 (4 x d, row-major)
+// and folds the result into val[0..3], idx[0..3] (strict '<': earlier code blocks hold
+// lower indices). Two blocks per step give 8 independent FMA chains (4 would leave
+// the FMA units waiting on their latency).
+__attribute__((target("avx512f"))) void small_d_scan_avx512(
+    const float* z4, int64_t d, const float* qt, const float* qn, int64_t b0, int64_t b1,
+    float* val, int64_t* idx) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 best[4] = {inf, inf, inf, inf};
+  __m512i bi[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                   _mm512_setzero_si512()};
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = b0; b < b1; b += 2) {
+    const float* blk0 = qt + b * 16 * d;
+    const float* blk1 = blk0 + 16 * d;
+    const __m512 n0 = _mm512_loadu_ps(qn + b * 16), n1 = _mm512_loadu_ps(qn + b * 16 + 16);
+    __m512 a0 = n0, a1 = n0, a2 = n0, a3 = n0;
+    __m512 c0 = n1, c1 = n1, c2 = n1, c3 = n1;
+    for (int64_t j = 0; j < d; ++j) {
+      const __m512 q0 = _mm512_loadu_ps(blk0 + j * 16);
+      const __m512 q1 = _mm512_loadu_ps(blk1 + j * 16);
+      const __m512 z0 = _mm512_set1_ps(z4[j]), z1 = _mm512_set1_ps(z4[d + j]);
+      const __m512 z2 = _mm512_set1_ps(z4[2 * d + j]), z3 = _mm512_set1_ps(z4[3 * d + j]);
+      a0 = _mm512_fmadd_ps(z0, q0, a0);
+      c0 = _mm512_fmadd_ps(z0, q1, c0);
+      a1 = _mm512_fmadd_ps(z1, q0, a1);
+      c1 = _mm512_fmadd_ps(z1, q1, c1);
+      a2 = _mm512_fmadd_ps(z2, q0, a2);
+      c2 = _mm512_fmadd_ps(z2, q1, c2);
+      a3 = _mm512_fmadd_ps(z3, q0, a3);
+      c3 = _mm512_fmadd_ps(z3, q1, c3);
+    }
+    const __m512i p0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(b * 16)));
+    const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(16));
+    const __m512 av[4] = {a0, a1, a2, a3};
+    const __m512 cv[4] = {c0, c1, c2, c3};
+    for (int t = 0; t < 4; ++t) {  // block b before block b + 1: ties keep the lower
+      __mmask16 lt = _mm512_cmp_ps_mask(av[t], best[t], _CMP_LT_OQ);
+      best[t] = _mm512_mask_mov_ps(best[t], lt, av[t]);
+      bi[t] = _mm512_mask_mov_epi32(bi[t], lt, p0);
+      lt = _mm512_cmp_ps_mask(cv[t], best[t], _CMP_LT_OQ);
+      best[t] = _mm512_mask_mov_ps(best[t], lt, cv[t]);
+      bi[t] = _mm512_mask_mov_epi32(bi[t], lt, p1);
+    }
+  }
+  for (int t = 0; t < 4; ++t) {
+    const float m = _mm512_reduce_min_ps(best[t]);
+    if (m < val[t]) {  // lanes hold the earliest position of their minimum: lowest wins
+      const __mmask16 eq = _mm512_cmp_ps_mask(best[t], _mm512_set1_ps(m), _CMP_EQ_OQ);
+      val[t] = m;
+      idx[t] = _mm512_mask_reduce_min_epi32(eq, bi[t]);
+    }
+  }
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+}
+#endif
+
+// The small-d path for float32; returns false (and does nothing) where it does not
+// apply: no AVX-512 or d > kSmallD. The choice depends on the machine and d only, never
+// on the thread count, and so does the result: every (token, code) value is formed the
+// same way whichever task computes it, and split code ranges merge in code order.
+bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_t d,
+                    int64_t* out_idx, float* out_val) {
+#ifdef SIMVQ_X86
+  if (d > kSmallD || !cpu_has_avx512f()) return false;
+  const int64_t blocks = ((K + 31) / 32) * 2;  // an even number of 16-code blocks
+  std::vector<float> qt(blocks * 16 * d, 0.f);  // [block][j][lane] = -2 q[16 block + lane][j]
+  std::vector<float> qn(blocks * 16, std::numeric_limits<float>::infinity());  // pad: +inf
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t l = 0; l < 16 && b * 16 + l < K; ++l) {
+        const float* row = q + (b * 16 + l) * d;
+        for (int64_t j = 0; j < d; ++j) qt[b * 16 * d + j * 16 + l] = -2.f * row[j];
+        qn[b * 16 + l] = static_cast<float>(sq_norm(row, d));
+      }
+    }
+  });
+  const int64_t pass = kSmallDCodeBlock / 16;  // blocks per pass over a token tile (even)
+  const int64_t passes = (blocks + pass - 1) / pass;
+  const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t splits = 1;  // split the code range only when token tiles cannot fill the threads
+  if (n_tiles < 2 * threads) splits = std::min<int64_t>(passes, (2 * threads + n_tiles - 1) / n_tiles);
+  const int64_t passes_per_split = (passes + splits - 1) / splits;
+  splits = (passes + passes_per_split - 1) / passes_per_split;
+  std::vector<float> part_val(splits > 1 ? splits * N : 0);
+  std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
+
+  at::parallel_for(0, n_tiles * splits, 1, [&](int64_t t0, int64_t t1) {
+    float zpad[kSmallDTokens * kSmallD];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nt = t / splits, sp = t % splits;
+      const int64_t n0 = nt * kBlockN, n1 = std::min(N, n0 + kBlockN);
+      const int64_t bb = sp * passes_per_split * pass;
+      const int64_t be = std::min(blocks, bb + passes_per_split * pass);
+      float* val = splits > 1 ? part_val.data() + sp * N : out_val;
+      int64_t* idx = splits > 1 ? part_idx.data() + sp * N : out_idx;
+      for (int64_t n = n0; n < n1; ++n) {
+        val[n] = std::numeric_limits<float>::infinity();
+        idx[n] = std::min(K - 1, bb * 16);  // only kept if every value is +inf
+      }
+      for (int64_t b0 = bb; b0 < be; b0 += pass) {
+        const int64_t b1 = std::min(be, b0 + pass);
+        for (int64_t g = n0; g < n1; g += kSmallDTokens) {
+          const int64_t m = std::min(kSmallDTokens, n1 - g);
+          if (m == kSmallDTokens) {
+            small_d_scan_avx512(z + g * d, d, qt.data(), qn.data(), b0, b1, val + g, idx + g);
+          } else {  // last group: pad with copies of its first token, keep m results
+            float v[kSmallDTokens];
+            int64_t ix[kSmallDTokens];
+            for (int64_t i = 0; i < kSmallDTokens; ++i) {
+              const int64_t src = g + (i < m ? i : 0);
+              std::copy(z + src * d, z + src * d + d, zpad + i * d);
+              v[i] = val[src];
+              ix[i] = idx[src];
+            }
+            small_d_scan_avx512(zpad, d, qt.data(), qn.data(), b0, b1, v, ix);
+            for (int64_t i = 0; i < m; ++i) {
+              val[g + i] = v[i];
+              idx[g + i] = ix[i];
+            }
+          }
+        }
+      }
+      if (splits == 1) {
+        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
+      }
+    }
+  });
+  if (splits > 1) {
+    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        float v = part_val[n];
+        int64_t i = part_idx[n];
+        for (int64_t sp = 1; sp < splits; ++sp) {
+          if (part_val[sp * N + n] < v) {  // strict: later splits hold higher indices
+            v = part_val[sp * N + n];
+            i = part_idx[sp * N + n];
+          }
+        }
+        out_val[n] = final_distance(z + n * d, d, v);
+        out_idx[n] = i;
+      }
+    });
+  }
+  return true;
+#else
+  (void)z, (void)q, (void)N, (void)K, (void)d, (void)out_idx, (void)out_val;
+  return false;
+#endif
+}
+
 template <typename T>
 void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d,
                          int64_t* out_idx, T* out_val) {
@@ -611,9 +785,15 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
   AT_DISPATCH_SWITCH(compute, "simvq_nearest_code_cpu",
                      AT_DISPATCH_CASE(at::kFloat,
                                       [&] {
-                                        nearest_code_kernel<float>(
-                                            z.data_ptr<float>(), cb.data_ptr<float>(), N, K, d,
-                                            idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+                                        if (!small_d_search(z.data_ptr<float>(),
+                                                            cb.data_ptr<float>(), N, K, d,
+                                                            idx.data_ptr<int64_t>(),
+                                                            dist.data_ptr<float>())) {
+                                          nearest_code_kernel<float>(
+                                              z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
+                                              d, idx.data_ptr<int64_t>(),
+                                              dist.data_ptr<float>());
+                                        }
                                       })
                          AT_DISPATCH_CASE(at::kDouble, [&] {
                            nearest_code_kernel<double>(
