@@ -105,6 +105,41 @@ def test_duplicate_codes_lowest_index_wins(backend, k):
     check_nearest(z, cb, idx, dist, u=0.0)
 
 
+# The CPU kernel's small-d path (d <= 16 with AVX-512: register-blocked FMAs over
+# blocks of 16 codes, 4 tokens at a time, two blocks per step, 4096 codes per pass,
+# code-range splits when few token tiles): its edges are K around multiples of 16, 32
+# and 4096, N around multiples of 4 and of the 256-token tile, and d = 1..16 vs 17.
+SMALL_D_SHAPES = [(1, 1, 1), (3, 15, 2), (5, 16, 8), (7, 17, 16), (257, 31, 5),
+                  (258, 32, 13), (1030, 33, 16), (1029, 4095, 3), (771, 4097, 8),
+                  (2050, 8193, 11), (4096, 300, 17), (6, 20000, 4)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,d", SMALL_D_SHAPES)
+def test_small_d_shapes(backend, n, k, d):
+    z, cb = _inputs(n, k, d, seed=n + 7 * k + 31 * d)
+    idx, dist = sk.nearest_code(z, cb, backend=backend)
+    check_nearest(z, cb, idx, dist, u=u_for(z.dtype, z.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [1, 8, 16])
+def test_small_d_duplicates_across_blocks(backend, d):
+    """Copies of one code in different 16-code blocks, in both halves of a two-block
+    step and in different 4096-code passes: the lowest copy must win."""
+    g = _gen(d)
+    k = 9000
+    cb = torch.randn(k, d, generator=g) * 3
+    hot = cb[5].clone()
+    for pos in (21, 40, 4100, 8999):
+        cb[pos] = hot
+    z = torch.cat([hot[None].expand(8, d), hot + 1e-4 * torch.randn(1200, d, generator=g)])
+    idx, dist = sk.nearest_code(z, cb, backend=backend)
+    check_nearest(z, cb, idx, dist, u=0.0)
+    assert not bool(torch.isin(idx, torch.tensor([21, 40, 4100, 8999])).any()), \
+        "a later copy of code 5 won a tie"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_well_separated_indices_match_oracle_exactly(backend):
     g = _gen(11)

@@ -411,9 +411,18 @@ def test_layer_fuzz(backend, device, p):
     dz = z_in.grad.movedim(1, -1) if p["channel_first"] else z_in.grad
     O.assert_close_scaled(dz.reshape(-1, p["dim"]).cpu(), ref["dz"], ref["scale_dz"],
                           rtol, "dz", atol)
-    O.assert_close_scaled(layer.weight.grad.cpu(), ref["dW"], ref["scale_dW"], rtol, "dW", atol)
+    # the upstream gradient g reaches the layer rounded to its dtype; where g is subnormal
+    # (fp16 below 6e-5) each of its elements is off by up to half the subnormal spacing,
+    # which dW = sum_n g_n B_n and db = sum_n g_n sum over the tokens (found by the ci
+    # profile: fp16, 200 tokens on one code, dW ~ 7e-6 off by 2.6e-7, the same on every
+    # backend)
+    # (plus the result's own rounding, one subnormal spacing)
+    atol_dw = atol * (1 + rows64.abs().sum(0)[None, :])
+    O.assert_close_scaled(layer.weight.grad.cpu(), ref["dW"], ref["scale_dW"], rtol, "dW",
+                          atol_dw)
     if p["bias"]:
-        O.assert_close_scaled(layer.bias.grad.cpu(), ref["db"], ref["scale_db"], rtol, "db", atol)
+        O.assert_close_scaled(layer.bias.grad.cpu(), ref["db"], ref["scale_db"], rtol, "db",
+                              atol * (1 + rows64.shape[0]))
 
 
 # ------------------------------------------ regression tests for bugs 02, 03 (and 06)
