@@ -444,6 +444,28 @@ T final_distance(const T* zrow, int64_t d, T partial) {
   return static_cast<T>(std::max(0.0, sq_norm(zrow, d) + double(partial)));
 }
 
+// Merges per-split partial results (split s of the code range at part_*[s * N + n]) in
+// code order with a strict '<' (later splits hold higher indices, so ties keep the
+// lower one) and writes the final index and distance of every token.
+template <typename T>
+void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* part_val,
+                  const int64_t* part_idx, int64_t* out_idx, T* out_val) {
+  at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      T v = part_val[n];
+      int64_t i = part_idx[n];
+      for (int64_t s = 1; s < splits; ++s) {
+        if (part_val[s * N + n] < v) {
+          v = part_val[s * N + n];
+          i = part_idx[s * N + n];
+        }
+      }
+      out_val[n] = final_distance(z + n * d, d, v);
+      out_idx[n] = i;
+    }
+  });
+}
+
 // ---------------------------------------------------------------- small d (<= 16)
 // With few dimensions a tile product is cheap next to writing and re-reading its
 // output, so the tiled gemm path is bound by the tile's round trip through L2. For
@@ -595,22 +617,7 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
       }
     }
   });
-  if (splits > 1) {
-    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        float v = part_val[n];
-        int64_t i = part_idx[n];
-        for (int64_t sp = 1; sp < splits; ++sp) {
-          if (part_val[sp * N + n] < v) {  // strict: later splits hold higher indices
-            v = part_val[sp * N + n];
-            i = part_idx[sp * N + n];
-          }
-        }
-        out_val[n] = final_distance(z + n * d, d, v);
-        out_idx[n] = i;
-      }
-    });
-  }
+  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
   return true;
 #else
   (void)z, (void)q, (void)N, (void)K, (void)d, (void)out_idx, (void)out_val;
@@ -661,22 +668,7 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
     }
   });
 
-  if (splits > 1) {
-    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        T v = part_val[n];
-        int64_t i = part_idx[n];
-        for (int64_t s = 1; s < splits; ++s) {
-          if (part_val[s * N + n] < v) {  // strict: later splits hold higher indices
-            v = part_val[s * N + n];
-            i = part_idx[s * N + n];
-          }
-        }
-        out_val[n] = final_distance(z + n * d, d, v);
-        out_idx[n] = i;
-      }
-    });
-  }
+  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
 }
 
 // For each row of x (K x w), the lowest index holding a bitwise-identical row (-0.0
