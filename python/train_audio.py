@@ -15,12 +15,11 @@ to --out.
     python python/train_audio.py --quick --out /tmp/q   # CI-sized (seconds)
 """
 import os
-import sys
 import time
 
 import torch
 
-from simvq_kernels.experiments import data, plots, train
+from simvq_kernels.experiments import data, plots, report, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"steps": 3000, "batch_size": 16, "lr": 2e-3, "codebook_sizes": [1024, 8192, 65536],
@@ -78,18 +77,8 @@ def main(argv=None):
           f"window, held-out {heldout.shape[0] * tokens} tokens; K = "
           f"{args.codebook_sizes}; {cfg.steps} steps x {cfg.batch_size}", flush=True)
 
-    quantisers = [q.strip() for q in args.quantisers.split(",") if q.strip()]
-    results = train.run_sweep(task, cfg, args.codebook_sizes, quantisers)
-    total = time.perf_counter() - t_start
-    extra = {"total_seconds": total, "argv": sys.argv[1:] if argv is None else list(argv),
-             "environment": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                            f"{args.threads} threads"}
-    paths = train.write_results(args.out, task, cfg, results, extra)
-    title = f"audio: {cfg.steps} steps x {cfg.batch_size} windows, Adam lr {cfg.lr:g}, d={args.dim}"
-    plots.plot_utilisation_vs_k(results, os.path.join(args.out, "utilisation_vs_k.png"),
-                                title, "snr")
-    plots.plot_utilisation_over_steps(results, os.path.join(args.out,
-                                      "utilisation_over_steps.png"), cfg.window, title)
+    results, paths, total = report.sweep_and_report(task, cfg, args, argv, t_start,
+                                                    "windows")
     plots.plot_audio_examples(examples[:1], results, os.path.join(args.out,
                               "recon_examples.png"), data.SAMPLE_RATE,
                               title="a held-out window and its reconstructions")

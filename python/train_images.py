@@ -12,12 +12,11 @@ that no training crop touches. Writes results.{md,csv,json} and PNG figures to -
     python python/train_images.py --quick --out /tmp/q  # CI-sized (seconds)
 """
 import os
-import sys
 import time
 
 import torch
 
-from simvq_kernels.experiments import data, plots, train
+from simvq_kernels.experiments import data, plots, report, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"steps": 2500, "batch_size": 32, "lr": 2e-3, "codebook_sizes": [1024, 8192, 65536],
@@ -58,18 +57,7 @@ def main(argv=None):
           f"{tokens} tokens/crop, held-out {n_held} crops = {n_held * tokens} tokens; "
           f"K = {args.codebook_sizes}; {cfg.steps} steps x {cfg.batch_size}", flush=True)
 
-    quantisers = [q.strip() for q in args.quantisers.split(",") if q.strip()]
-    results = train.run_sweep(task, cfg, args.codebook_sizes, quantisers)
-    total = time.perf_counter() - t_start
-    extra = {"total_seconds": total, "argv": sys.argv[1:] if argv is None else list(argv),
-             "environment": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                            f"{args.threads} threads"}
-    paths = train.write_results(args.out, task, cfg, results, extra)
-    title = f"images: {cfg.steps} steps x {cfg.batch_size} crops, Adam lr {cfg.lr:g}, d={args.dim}"
-    plots.plot_utilisation_vs_k(results, os.path.join(args.out, "utilisation_vs_k.png"),
-                                title, "psnr")
-    plots.plot_utilisation_over_steps(results, os.path.join(args.out,
-                                      "utilisation_over_steps.png"), cfg.window, title)
+    results, paths, total = report.sweep_and_report(task, cfg, args, argv, t_start, "crops")
     plots.plot_recon_grid(heldout[:8], results, os.path.join(args.out, "recon_grid.png"),
                           title="held-out crops and their reconstructions")
     print(open(paths["md"]).read())

@@ -3,7 +3,7 @@
 Not imported by ``simvq_kernels``; import it explicitly::
 
     from simvq_kernels import experiments
-    from simvq_kernels.experiments import data, models, train, plots
+    from simvq_kernels.experiments import data, models, train, plots, report
 
 The programs ``python/train_images.py`` and ``python/train_audio.py`` drive it.
 Needs numpy and torch; scikit-image for the image data and matplotlib for the figures

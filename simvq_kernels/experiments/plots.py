@@ -21,6 +21,20 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path):
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _finish(plt, fig, path, title, fontsize=10):
+    """Title (if any), tight layout, write the PNG, free the figure; returns ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
 def _by_kind(results):
     out = {}
     for r in results:
@@ -52,12 +66,7 @@ def plot_utilisation_vs_k(results, path, title="", recon_metric="psnr"):
     ax.set_ylabel("held-out codebook utilisation (%)")
     ax2.set_ylabel(f"held-out {recon_metric.upper()} (dB)")
     ax.legend(loc="center left")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)
 
 
 def plot_utilisation_over_steps(results, path, window, title=""):
@@ -82,12 +91,7 @@ def plot_utilisation_over_steps(results, path, window, title=""):
     axes[0][0].set_ylabel(f"codes used in last {window} steps (%)")
     axes[0][0].legend(loc="center right", fontsize=8, title="◆ = held-out",
                       title_fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)
 
 
 def plot_recon_grid(originals, results, path, n=8, title=""):
@@ -114,9 +118,7 @@ def plot_recon_grid(originals, results, path, n=8, title=""):
     if title:
         fig.subplots_adjust(top=1 - 0.35 / len(rows))
         fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_audio_examples(originals, results, path, sample_rate, codebook_size=None,
@@ -139,9 +141,4 @@ def plot_audio_examples(originals, results, path, sample_rate, codebook_size=Non
         ax.legend(loc="upper right", fontsize=7)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("time (ms)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title, fontsize=9)
