@@ -56,37 +56,36 @@ def finite_check_enabled(check_finite):
     return bool(check_finite)
 
 
+def queue_finite_checks(named):
+    """Queues a device-side NaN/inf assert per tensor (no host sync)."""
+    for name, t in named:
+        if t is not None and t.numel():
+            torch._assert_async(torch.isfinite(t).all(),
+                                f"simvq_kernels: `{name}` contains NaN or infinite values")
+
+
 def check_finite_values(named, enabled):
     """Rejects NaN/inf. On CPU returns {name: max |value|} (the same single pass finds
     both: a NaN or inf makes the min or max NaN or inf), used by :func:`needs_float64`;
-    elsewhere returns None (the check is queued, there is no value to look at)."""
-    if not enabled:
+    elsewhere returns None (the check is queued, there is no value to look at). The
+    tensors are on one device (checked before)."""
+    named = [(name, t) for name, t in named if t is not None]
+    if not enabled or not named:
+        return None
+    device = named[0][1].device.type
+    if device != "cpu":
+        if device != "meta":  # meta tensors have no values
+            queue_finite_checks(named)
         return None
     maxima = {}
     for name, t in named:
-        if t is None:
-            continue
         if t.numel() == 0:
             maxima[name] = 0.0
             continue
-        if t.device.type == "cpu":
-            lo, hi = (float(v) for v in torch.aminmax(t.detach()))  # one pass, no copy
-            if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf propagate
-                raise ValueError(f"`{name}` contains NaN or infinite values")
-            maxima[name] = max(-lo, hi)
-        elif t.device.type == "meta":
-            maxima = None
-        else:
-            torch._assert_async(torch.isfinite(t).all(),
-                                f"simvq_kernels: `{name}` contains NaN or infinite values")
-            maxima = None
-        if maxima is None:
-            break
-    if maxima is None:  # finish queueing the checks of the remaining tensors
-        for name, t in named:
-            if t is not None and t.numel() and t.device.type not in ("cpu", "meta"):
-                torch._assert_async(torch.isfinite(t).all(),
-                                    f"simvq_kernels: `{name}` contains NaN or infinite values")
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))  # one pass, no copy
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf propagate
+            raise ValueError(f"`{name}` contains NaN or infinite values")
+        maxima[name] = max(-lo, hi)
     return maxima
 
 

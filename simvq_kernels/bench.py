@@ -638,23 +638,33 @@ class ForeignCPU:
         return False
 
 
-def ceiling_gflops(d: int, device, min_runs: int = 50, min_seconds: float = 0.3) -> float:
-    """GFLOP/s of torch.mm of a cache-resident (T x d) @ (d x T) tile into a
-    preallocated output: T = 1024 on CPU, 8192 on CUDA (design.md §5)."""
+def ceiling_tile(d: int, device):
+    """The ceiling's unit of work, warmed up: torch.mm of a cache-resident (T x d) @
+    (d x T) tile into a preallocated output, T = 1024 on CPU, 8192 on CUDA (design.md
+    §5). Returns (callable, flops per call)."""
     device = torch.device(device)
     t = 8192 if device.type == "cuda" else 1024
     a = torch.randn(t, d, device=device)
-    b = torch.randn(t, d, device=device)
+    bt = torch.randn(t, d, device=device).t()
     c = torch.empty(t, t, device=device)
-    bt = b.t()
-    for _ in range(5):
+
+    def tile():
         torch.mm(a, bt, out=c)
+
+    for _ in range(5):
+        tile()
+    return tile, 2 * t * t * d
+
+
+def ceiling_gflops(d: int, device, min_runs: int = 50, min_seconds: float = 0.3) -> float:
+    """GFLOP/s of the ceiling tile (see :func:`ceiling_tile`)."""
+    tile, flops = ceiling_tile(d, device)
     times, t_start = [], time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - t_start < min_seconds:
-        times += time_runs(lambda: torch.mm(a, bt, out=c), 1, device)
+        times += time_runs(tile, 1, device)
         if len(times) > 100_000:
             break
-    return 2 * t * t * d / statistics.median(times) / 1e9
+    return flops / statistics.median(times) / 1e9
 
 
 PAIRS = 15
@@ -667,14 +677,7 @@ def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
     process, and the median of the per-pair ratios is returned. Slow drifts of the
     machine's speed (other tenants, clocks) then cancel, which a ceiling measured at the
     start and end of the run cannot do."""
-    device = torch.device(device)
-    t = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(t, shape.d, device=device)
-    bt = torch.randn(t, shape.d, device=device).t()
-    c = torch.empty(t, t, device=device)
-    tile = lambda: torch.mm(a, bt, out=c)  # noqa: E731
-    for _ in range(5):
-        tile()
+    tile, flops = ceiling_tile(shape.d, device)
     tile_s = statistics.median(time_runs(tile, 20, device))
     reps = max(1, round(op_s / tile_s))
 
@@ -687,9 +690,7 @@ def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
     for _ in range(pairs):
         t_op = time_runs(run, 1, device)[0]
         t_tiles = time_runs(tiles, 1, device)[0]
-        op_gflops = shape.search_flops / t_op
-        tile_gflops = 2 * t * t * shape.d * reps / t_tiles
-        ratios.append(op_gflops / tile_gflops)
+        ratios.append((shape.search_flops / t_op) / (flops * reps / t_tiles))
     return statistics.median(ratios)
 
 

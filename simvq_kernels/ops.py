@@ -210,13 +210,8 @@ def _check_finite(named, check_finite):
     if not _compiling():
         return _validate.check_finite_values(named,
                                              _validate.finite_check_enabled(check_finite))
-    if not _finite_check_enabled_traced(check_finite):
-        return None
-    for name, t in named:
-        if t is None or t.numel() == 0:
-            continue
-        torch._assert_async(torch.isfinite(t).all(),
-                            f"simvq_kernels: `{name}` contains NaN or infinite values")
+    if _finite_check_enabled_traced(check_finite):
+        _validate.queue_finite_checks(named)
     return None
 
 

@@ -444,6 +444,21 @@ T final_distance(const T* zrow, int64_t d, T partial) {
   return static_cast<T>(std::max(0.0, sq_norm(zrow, d) + double(partial)));
 }
 
+// Splits the code range (`units` code tiles or passes) only when the token tiles alone
+// cannot keep every thread busy: `count` splits of `per_split` units each. The thread
+// count only decides where the range is split; the splits are merged in code order
+// (merge_splits), so the result does not depend on it.
+struct CodeSplits {
+  int64_t count, per_split;
+};
+CodeSplits split_code_range(int64_t n_tiles, int64_t units) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t count = 1;
+  if (n_tiles < 2 * threads) count = std::min<int64_t>(units, (2 * threads + n_tiles - 1) / n_tiles);
+  const int64_t per_split = (units + count - 1) / count;
+  return {(units + per_split - 1) / per_split, per_split};
+}
+
 // Merges per-split partial results (split s of the code range at part_*[s * N + n]) in
 // code order with a strict '<' (later splits hold higher indices, so ties keep the
 // lower one) and writes the final index and distance of every token.
@@ -568,11 +583,7 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
   const int64_t pass = kSmallDCodeBlock / 16;  // blocks per pass over a token tile (even)
   const int64_t passes = (blocks + pass - 1) / pass;
   const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t splits = 1;  // split the code range only when token tiles cannot fill the threads
-  if (n_tiles < 2 * threads) splits = std::min<int64_t>(passes, (2 * threads + n_tiles - 1) / n_tiles);
-  const int64_t passes_per_split = (passes + splits - 1) / splits;
-  splits = (passes + passes_per_split - 1) / passes_per_split;
+  const auto [splits, passes_per_split] = split_code_range(n_tiles, passes);
   std::vector<float> part_val(splits > 1 ? splits * N : 0);
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
 
@@ -636,16 +647,7 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
 
   const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
   const int64_t k_tiles = (K + kBlockK - 1) / kBlockK;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Split the code range only when token tiles alone cannot keep every thread busy.
-  // (The thread count only decides where the code range is split; every split is
-  // merged in code order, so the result does not depend on it.)
-  int64_t splits = 1;
-  if (n_tiles < 2 * threads) {
-    splits = std::min<int64_t>(k_tiles, (2 * threads + n_tiles - 1) / n_tiles);
-  }
-  const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
-  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;
+  const auto [splits, tiles_per_split] = split_code_range(n_tiles, k_tiles);
 
   std::vector<T> part_val(splits > 1 ? splits * N : 0);
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
