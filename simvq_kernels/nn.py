@@ -45,6 +45,28 @@ _EPS_ROT = 1e-6  # vector-quantize-pytorch's safe_div / l2norm epsilon
 
 # ------------------------------------------------------------------- small helpers
 
+# -------------------------------------------------- the loss and the estimator
+
+def commitment_losses(z, zq):
+    """(commit, codebook) = (mean((sg(zq) - z)^2), mean((zq - sg(z))^2))."""
+    commit = torch.mean((zq.detach() - z) ** 2)
+    codebook = torch.mean((zq - z.detach()) ** 2)
+    return commit, codebook
+
+
+def simvq_loss(z, zq, beta=0.25, legacy=False):
+    """Official loss: beta * commit + codebook (legacy=True swaps the weights)."""
+    commit, codebook = commitment_losses(z, zq)
+    if legacy:
+        return commit + beta * codebook
+    return beta * commit + codebook
+
+
+def straight_through(z, zq):
+    """out = z + sg(zq - z)."""
+    return z + (zq - z).detach()
+
+
 def autocast_compute_dtype(t: torch.Tensor):
     """The dtype the search runs in for ``t`` under the current autocast state, or None
     when autocast is off for ``t``'s device type (or ``t`` is float64, which autocast
@@ -129,7 +151,7 @@ def _masked_loss(flat, zq, m, beta, legacy):
     if m is None:
         if flat.shape[0] == 0:
             return (zf.sum() + qf.sum()) * 0.0
-        return reference.simvq_loss(zf, qf, beta, legacy)
+        return simvq_loss(zf, qf, beta, legacy)
     w = m.to(dt)[:, None]
     denom = (m.sum() * flat.shape[1]).clamp_min(1).to(dt)
     commit = (((qf.detach() - zf) ** 2) * w).sum() / denom
@@ -298,7 +320,7 @@ class SimVQ(nn.Module):
         zq = zq.to(flat.dtype)
         if self.rotation_trick:
             return rotation_trick(flat, zq)
-        return reference.straight_through(flat, zq)
+        return straight_through(flat, zq)
 
     @torch.no_grad()
     def _count(self, idx, m):
@@ -511,7 +533,7 @@ class ResidualSimVQ(nn.Module):
         if self.rotation_trick:
             out = rotation_trick(flat_s, total)
         else:
-            out = reference.straight_through(flat_s, total)
+            out = straight_through(flat_s, total)
         idx = torch.stack(all_idx, dim=-1)
         dist = torch.stack(all_dist, dim=-1)
         if m is not None:

@@ -152,23 +152,3 @@ def simvq_quantize_chunked(z, basis, weight, bias=None, chunk_n=DEFAULT_CHUNK_N,
     rows = basis.index_select(0, idx)
     zq = F.linear(rows, weight, bias).to(z.dtype)
     return zq, idx, dist
-
-
-def commitment_losses(z, zq):
-    """(commit, codebook) = (mean((sg(zq) - z)^2), mean((zq - sg(z))^2))."""
-    commit = torch.mean((zq.detach() - z) ** 2)
-    codebook = torch.mean((zq - z.detach()) ** 2)
-    return commit, codebook
-
-
-def simvq_loss(z, zq, beta=0.25, legacy=False):
-    """Official loss: beta * commit + codebook (legacy=True swaps the weights)."""
-    commit, codebook = commitment_losses(z, zq)
-    if legacy:
-        return commit + beta * codebook
-    return beta * commit + codebook
-
-
-def straight_through(z, zq):
-    """out = z + sg(zq - z)."""
-    return z + (zq - z).detach()

@@ -82,7 +82,7 @@ def test_package_import_does_not_import_the_demos():
 
 
 def test_plain_vq_matches_simvq_loss_and_estimator():
-    from simvq_kernels import reference
+    from simvq_kernels import nn as sk_nn
     from simvq_kernels.experiments.models import PlainVQ
 
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def test_plain_vq_matches_simvq_loss_and_estimator():
     d = torch.cdist(flat.double(), q.codebook.detach().double())
     assert torch.equal(idx.reshape(-1), d.argmin(1))
     zq = q.codebook.detach()[idx.reshape(-1)]
-    torch.testing.assert_close(loss, reference.simvq_loss(flat, zq, 0.25, False))
+    torch.testing.assert_close(loss, sk_nn.simvq_loss(flat, zq, 0.25, False))
     torch.testing.assert_close(out.detach().movedim(1, -1).reshape(-1, 8), zq)
     torch.testing.assert_close(q.indices_to_codes(idx), out.detach())
     (out.sum() + loss).backward()

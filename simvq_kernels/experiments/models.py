@@ -2,7 +2,7 @@
 
 Both quantisers share one interface, ``out, indices, loss = q(z)`` on channel-first
 latents, one loss and one straight-through estimator (the functions of
-:mod:`simvq_kernels.reference` that :class:`simvq_kernels.SimVQ` itself uses), and one
+:mod:`simvq_kernels.nn` that :class:`simvq_kernels.SimVQ` itself uses), and one
 nearest-code search (:func:`simvq_kernels.nearest_code`, which never builds N x K).
 The only difference is how the codebook is parameterised:
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as sk_nn
-from .. import ops, reference
+from .. import ops
 
 QUANTISERS = ("plain", "simvq")
 PLAIN_INITS = ("uniform", "normal")
@@ -74,8 +74,8 @@ class PlainVQ(nn.Module):
                                     backend=self.backend)
         self.last_backend = found.backend
         zq = F.embedding(found.indices, self.embedding.weight)  # grads to picked codes only
-        loss = reference.simvq_loss(flat, zq, self.beta, self.legacy)
-        out = reference.straight_through(flat, zq).reshape(*lead, self.dim)
+        loss = sk_nn.simvq_loss(flat, zq, self.beta, self.legacy)
+        out = sk_nn.straight_through(flat, zq).reshape(*lead, self.dim)
         if self.channel_first:
             out = out.movedim(-1, 1)
         return out, found.indices.reshape(lead), loss
