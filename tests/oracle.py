@@ -5,10 +5,13 @@ The oracle is the reference math run in float64 on the *stored* values of the in
 A backend's pick k for token z passes if
 
     d64(z, Q_k) - min_j d64(z, Q_j) <= eps(z)
-    eps(z) = 4u * ||z|| * max_j ||Q_j|| + 1e-6 * (||z||^2 + max_j ||Q_j||^2)
+    eps(z) = 4u * ||z|| * max_j ||Q_j|| + a(d) * (||z||^2 + max_j ||Q_j||^2)
+    a(d)   = max(1e-6, 4 * sqrt(d) * 2^-24)
 
 and its returned distance must lie within eps(z) of d64(z, Q_k). ``u`` is the unit
-roundoff of the products actually used (see :func:`unit_roundoff`).
+roundoff of the products actually used (see :func:`unit_roundoff`); a(d) is the float32
+accumulation term (see :func:`accumulation_term`): it grows with the length d of the
+sums, and no tolerance here depends on how one CPU's BLAS happens to block them.
 
 Everything here is memory-bounded: the float64 oracle is computed in tiles of at most
 ``tile_elems`` distances, so checking a subset of rows of an N = 70,000 x K = 262,144
@@ -18,6 +21,7 @@ rows (:func:`sample_rows`).
 Public API (kept stable; tests/test_core.py imports it too):
 
     unit_roundoff(dtype, device="cpu", matmul_precision=None) -> float
+    accumulation_term(d) -> float   a(d) = max(1e-6, 4 sqrt(d) 2^-24)
     eps_per_token(z, codebook=None, u=0.0, *, q_max_norm=None) -> float64 (N,)
     oracle_nearest64(z, codebook) -> (idx int64 (N,), dist float64 (N,))
     dist64_rows(z, codebook, idx) -> float64 (N,)   d64(z_n, Q_idx[n]), computed directly
@@ -45,6 +49,7 @@ import torch
 
 __all__ = [
     "unit_roundoff",
+    "accumulation_term",
     "eps_per_token",
     "oracle_nearest64",
     "dist64_rows",
@@ -75,7 +80,7 @@ def unit_roundoff(dtype: torch.dtype, device="cpu", matmul_precision: str | None
 
     - float64: 2^-53 (products in float64).
     - float32 on CPU: 0. The CPU backends form exact fp32 products (no tf32 on CPU),
-      so only the accumulation error remains, which the 1e-6 term of eps covers.
+      so only the accumulation error remains, which the a(d) term of eps covers.
     - float32 on CUDA: 0 if ``torch.get_float32_matmul_precision()`` is "highest",
       else 2^-11 (tf32 products: 10 explicit mantissa bits).
     - bfloat16: 2^-8; float16: 2^-11. Note: the products of two bf16 (8-bit
@@ -98,6 +103,19 @@ def unit_roundoff(dtype: torch.dtype, device="cpu", matmul_precision: str | None
         prec = matmul_precision or torch.get_float32_matmul_precision()
         return 0.0 if prec == "highest" else 2.0 ** -11
     raise TypeError(f"no unit roundoff for {dtype}")
+
+
+def accumulation_term(d: int) -> float:
+    """a(d) = max(1e-6, 4 sqrt(d) 2^-24): the relative float32 accumulation error allowed
+    for d-term dot products and norms (design.md §3).
+
+    Blocked float32 sums of random-signed terms err by about sqrt(d) u (u = 2^-24); the
+    order of the sums differs between BLAS builds and between the AVX2 and AVX-512 kernels
+    of one build, so the error at a given d differs between CPUs. The factor 4 covers that
+    spread; the 1e-6 floor covers small d. A flat 1e-6 held on one CPU at d = 262,147 and
+    failed on another (every backend, the reference included).
+    """
+    return max(1e-6, 4.0 * math.sqrt(max(int(d), 0)) * 2.0 ** -24)
 
 
 # --------------------------------------------------------------------------- oracle
@@ -161,7 +179,8 @@ def eps_per_token(z: torch.Tensor, codebook: torch.Tensor | None = None, u: floa
                   q_max_norm: float | None = None) -> torch.Tensor:
     """eps(z) of design.md §3 per row of ``z``, float64 (N,) on CPU.
 
-    eps(z) = 4u ||z|| max_j ||Q_j|| + 1e-6 (||z||^2 + max_j ||Q_j||^2).
+    eps(z) = 4u ||z|| max_j ||Q_j|| + a(d) (||z||^2 + max_j ||Q_j||^2), d = z's width,
+    a(d) from :func:`accumulation_term`.
     Pass either ``codebook`` or its largest row norm ``q_max_norm``.
     """
     z64 = _f64(z)
@@ -171,7 +190,8 @@ def eps_per_token(z: torch.Tensor, codebook: torch.Tensor | None = None, u: floa
         q64 = _f64(codebook)
         q_max_norm = float(q64.norm(dim=1).max()) if q64.shape[0] else 0.0
     zn = z64.norm(dim=1)
-    return 4.0 * u * zn * q_max_norm + 1e-6 * (zn * zn + q_max_norm * q_max_norm)
+    a = accumulation_term(z64.shape[1] if z64.dim() == 2 else 1)
+    return 4.0 * u * zn * q_max_norm + a * (zn * zn + q_max_norm * q_max_norm)
 
 
 def first_of_duplicates(codebook: torch.Tensor) -> torch.Tensor:
