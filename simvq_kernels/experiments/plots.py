@@ -84,13 +84,21 @@ def plot_utilisation_over_steps(results, path, window, title=""):
                     color=COLOURS.get(kind), label=LABELS.get(kind, kind))
             ax.plot([h[-1]["step"]], [100 * r["utilisation"]], "D", color=COLOURS.get(kind),
                     markersize=5)
+            mid = [p for p in h if "heldout_utilisation" in p]
+            if mid:  # held-out evaluations made during training
+                ax.plot([p["step"] for p in mid] + [h[-1]["step"]],
+                        [100 * p["heldout_utilisation"] for p in mid]
+                        + [100 * r["utilisation"]], "o:", color=COLOURS.get(kind),
+                        markersize=4, lw=1)
         ax.set_title(f"K = {k}", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"codes used in last {window} steps (%)")
-    axes[0][0].legend(loc="center right", fontsize=8, title="◆ = held-out",
-                      title_fontsize=7)
+    any_mid = any("heldout_utilisation" in p for r in results for p in r["history"])
+    axes[0][0].legend(loc="center right", fontsize=8, title_fontsize=7,
+                      title="◆ = held-out" + (", ● = held-out during training"
+                                              if any_mid else ""))
     return _finish(plt, fig, path, title)
 
 

@@ -41,6 +41,12 @@ class TrainConfig:
     eval_batch: int = 1024
     threads: int = 2
     progress: bool = True
+    #: wall-clock training budget per run in seconds (None: train all ``steps``); the
+    #: held-out evaluations during training do not count against it
+    time_budget: Optional[float] = None
+    #: held-out evaluations during training, evenly spaced over the steps (or over the
+    #: time budget); 0: only the final one
+    heldout_evals: int = 0
 
 
 @dataclass
@@ -82,17 +88,33 @@ def recon_db(mse: float, task: Task, signal_power: float) -> float:
     return 10 * math.log10(signal_power / mse)
 
 
-def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: str = ""):
+def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: str = "",
+                info: Optional[dict] = None):
     """Adam on reconstruction MSE + the quantiser's loss. Returns the history: every
     ``log_every`` steps, the mean training MSE and VQ loss since the last log and the
-    fraction of codes picked by training batches in the last ``window`` steps."""
+    fraction of codes picked by training batches in the last ``window`` steps.
+
+    With ``cfg.time_budget`` training stops after the step that spends it (or after
+    ``cfg.steps``); with ``cfg.heldout_evals`` the held-out set is evaluated that many
+    times during training (history points with ``heldout_utilisation``). ``info``, if
+    given, receives ``steps_done``, ``stopped_by`` and the seconds spent in those
+    evaluations."""
+    info = {} if info is None else info
     gen = torch.Generator().manual_seed(cfg.seed)  # same batches for every run
+    budget = cfg.time_budget
+    n_evals = max(0, int(cfg.heldout_evals))
+    # evaluation points: fractions i/(n+1) of the steps or of the time budget
+    eval_marks = [(i + 1) / (n_evals + 1) for i in range(n_evals)]
+    eval_s, eval_cpu = 0.0, 0.0
+    t_start = time.perf_counter()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     last_used = torch.full((codebook_size,), -10**9, dtype=torch.long)
     hist = []
     acc = {"rec": 0.0, "vq": 0.0, "n": 0}
     bar = _progress(cfg.steps, desc, cfg.progress)
     model.train()
+    step = 0
+    stopped_by = "steps"
     for step in range(1, cfg.steps + 1):
         x = task.train_batch(gen, cfg.batch_size)
         x_hat, idx, vq_loss = model(x)
@@ -107,17 +129,41 @@ def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: s
         acc["rec"] += rec.item()
         acc["vq"] += vq_loss.item()
         acc["n"] += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        spent = time.perf_counter() - t_start - eval_s
+        out_of_time = budget is not None and spent >= budget
+        progress = spent / budget if budget is not None else step / cfg.steps
+        do_eval = bool(eval_marks) and progress >= eval_marks[0] and not out_of_time \
+            and step < cfg.steps
+        if step % cfg.log_every == 0 or step == cfg.steps or out_of_time or do_eval:
             util = float((last_used > step - cfg.window).float().mean())
             hist.append({"step": step, "train_mse": acc["rec"] / acc["n"],
-                         "vq_loss": acc["vq"] / acc["n"], "window_utilisation": util})
+                         "vq_loss": acc["vq"] / acc["n"], "window_utilisation": util,
+                         "train_seconds": spent})
             acc = {"rec": 0.0, "vq": 0.0, "n": 0}
             if bar is not None:
                 bar.set_postfix(mse=f"{hist[-1]['train_mse']:.4f}", util=f"{util:.1%}")
+        if do_eval:
+            while eval_marks and progress >= eval_marks[0]:
+                eval_marks.pop(0)
+            e0, c0 = time.perf_counter(), time.process_time()
+            m = evaluate(model, task, codebook_size, cfg.eval_batch)
+            eval_s += time.perf_counter() - e0
+            eval_cpu += time.process_time() - c0
+            hist[-1].update({"heldout_utilisation": m["utilisation"], "heldout_used": m["used"],
+                             "heldout_perplexity": m["perplexity"], "heldout_mse": m["mse"]})
+            if not cfg.progress:
+                print(f"  {desc} step {step}: held-out utilisation "
+                      f"{format_percent(m['utilisation'])} ({m['used']}/{codebook_size}), "
+                      f"train {spent:.0f} s", flush=True)
         if bar is not None:
             bar.update(1)
+        if out_of_time:
+            stopped_by = "time budget"
+            break
     if bar is not None:
         bar.close()
+    info.update({"steps_done": step, "stopped_by": stopped_by,
+                 "heldout_evals_seconds": eval_s, "heldout_evals_cpu_seconds": eval_cpu})
     return hist
 
 
@@ -148,13 +194,18 @@ def run_one(task: Task, kind: str, codebook_size: int, cfg: TrainConfig) -> dict
     model = build_autoencoder(kind, codebook_size, in_ch=task.in_ch, dim=task.dim,
                               hidden=task.hidden, n_down=task.n_down, nd=task.nd,
                               seed=cfg.seed, beta=cfg.beta, plain_init=cfg.plain_init)
-    t0 = time.perf_counter()
-    hist = train_model(model, task, cfg, codebook_size, desc=f"{kind:>5} K={codebook_size}")
-    t1 = time.perf_counter()
+    info = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    hist = train_model(model, task, cfg, codebook_size, desc=f"{kind:>5} K={codebook_size}",
+                       info=info)
+    t1, c1 = time.perf_counter(), time.process_time()
     metrics = evaluate(model, task, codebook_size, cfg.eval_batch)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
+    mid_s, mid_cpu = info.pop("heldout_evals_seconds"), info.pop("heldout_evals_cpu_seconds")
     res = {"quantiser": kind, "codebook_size": codebook_size, **metrics,
-           "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "history": hist,
+           "train_seconds": t1 - t0 - mid_s, "eval_seconds": t2 - t1,
+           "train_cpu_seconds": c1 - c0 - mid_cpu, "eval_cpu_seconds": c2 - c1,
+           "heldout_evals_during_training_seconds": mid_s, **info, "history": hist,
            "backend": getattr(model.quantiser, "last_backend", None)}
     if task.examples is not None:
         with torch.no_grad():
@@ -231,11 +282,24 @@ def _git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (as lscpu prints it), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "git_commit": _git_commit()}
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "git_commit": _git_commit() or os.environ.get("SIMVQ_GIT_COMMIT")}
 
 
 def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict],
@@ -254,7 +318,7 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
         json.dump(payload, f, indent=1)
     cols = ["quantiser", "codebook_size", "utilisation", "used", "perplexity", "mse",
             task.recon_metric, "heldout_tokens", "tokens_per_code", "train_seconds",
-            "eval_seconds", "backend"]
+            "eval_seconds", "backend", "steps_done", "train_cpu_seconds", "eval_cpu_seconds"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -273,7 +337,10 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
 def describe_run(task: Task, cfg: TrainConfig, results, extra=None) -> str:
     tok = results[0]["heldout_tokens"] if results else 0
     kmax = max(r["codebook_size"] for r in results) if results else 0
-    s = (f"{cfg.steps} steps x batch {cfg.batch_size}, Adam lr {cfg.lr}, beta {cfg.beta}, "
+    steps = (f"{cfg.steps} steps" if cfg.time_budget is None else
+             f"up to {cfg.steps} steps or {cfg.time_budget / 60:g} min of training per run "
+             f"(steps done: {', '.join(str(r.get('steps_done')) for r in results)})")
+    s = (f"{steps} x batch {cfg.batch_size}, Adam lr {cfg.lr}, beta {cfg.beta}, "
          f"seed {cfg.seed}, plain-VQ init {cfg.plain_init}; latent d={task.dim}, "
          f"{task.tokens_per_item} tokens per item; held-out set: "
          f"{task.heldout.shape[0]} items = {tok} tokens "
@@ -333,6 +400,15 @@ def common_parser(description: str, defaults: dict):
     p.add_argument("--quick", action="store_true",
                    help="tiny CI-sized run (seconds): overrides steps, sizes and data size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock training budget per run; training stops when it is "
+                        "spent or after --steps, whichever comes first (default: no budget)")
+    p.add_argument("--heldout-evals", type=int, default=0,
+                   help="held-out evaluations during training, evenly spaced over the "
+                        "steps or the time budget (the final one is always made)")
+    p.add_argument("--window", type=int, default=None,
+                   help="training-utilisation curve: codes picked in the last WINDOW "
+                        "steps (default min(200, steps/5))")
     return p
 
 
@@ -340,10 +416,17 @@ def config_from_args(args) -> TrainConfig:
     if args.threads is None:
         args.threads = 1 if args.quick else 2
     log_every = max(1, min(25, args.steps // 20))
+    window = args.window if args.window else max(1, min(200, args.steps // 5))
+    budget = None if args.time_budget is None else 60.0 * args.time_budget
+    if budget is not None and budget <= 0:
+        raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
+    if args.heldout_evals < 0:
+        raise ValueError(f"--heldout-evals must be >= 0, got {args.heldout_evals}")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        beta=args.beta, seed=args.seed, plain_init=args.plain_init,
-                       log_every=log_every, window=max(1, min(200, args.steps // 5)),
-                       threads=args.threads, progress=not args.no_progress)
+                       log_every=log_every, window=window, threads=args.threads,
+                       progress=not args.no_progress, time_budget=budget,
+                       heldout_evals=args.heldout_evals)
 
 
 def heldout_items(tokens_per_code: float, codebook_sizes, tokens_per_item: int,

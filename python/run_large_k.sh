@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The large-codebook runs behind python/results/{images,audio}/large_k/.
+#
+# Per (task, K), plain VQ and SimVQ train side by side in two processes (one torch
+# thread each) for the same wall-clock budget, so both see the same load on a shared
+# machine; each then encodes a held-out set of >= 10 tokens per code. Plain VQ uses its
+# best-known learning rate (1e-3, see python/README.md's baseline checks), SimVQ the
+# default one (2e-3). Afterwards python/large_k_report.py collects the runs into one
+# table, CSV, JSON and figures per task.
+#
+#   bash python/run_large_k.sh            # from the repository root
+#   MIN64=12 MIN256=4 bash python/run_large_k.sh
+set -u
+OUT=${OUT:-python/results}
+MIN64=${MIN64:-12}     # training minutes per run at K = 65536
+MIN256=${MIN256:-4}    # training minutes per run at K = 262144
+EVALS64=${EVALS64:-2}  # held-out evaluations during training at K = 65536
+PY=${PYTHON:-python}
+
+run_pair() {  # task, K, minutes, held-out evaluations during training, window
+    local task=$1 k=$2 minutes=$3 evals=$4 window=$5 q lr dir
+    for q in plain simvq; do
+        lr=2e-3
+        [ "$q" = plain ] && lr=1e-3
+        dir=$OUT/$task/large_k/runs/${q}_$k
+        mkdir -p "$dir"
+        echo "$(date -u +%T) start $task $q K=$k, $minutes min" >&2
+        "$PY" "python/train_$task.py" --quantisers "$q" --codebook-sizes "$k" --lr "$lr" \
+            --steps 1000000 --time-budget "$minutes" --heldout-evals "$evals" \
+            --window "$window" --threads 1 --no-progress --out "$dir" > "$dir/log.txt" 2>&1 &
+    done
+    wait
+    echo "$(date -u +%T) done $task K=$k" >&2
+}
+
+run_pair images 65536 "$MIN64" "$EVALS64" 320
+run_pair audio 65536 "$MIN64" "$EVALS64" 320
+run_pair images 262144 "$MIN256" 0 200
+run_pair audio 262144 "$MIN256" 0 200
