@@ -1,0 +1,96 @@
+"""Presets: the named sets of cases (shape x op, optionally restricted to some providers)
+that one run of the bench measures. A new preset is one entry of ``PRESETS``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Shape:
+    """N tokens of width d, K codes, basis width r (default d)."""
+
+    n: int
+    k: int
+    d: int
+    r: Optional[int] = None
+
+    @property
+    def basis_dim(self) -> int:
+        return self.r or self.d
+
+    @property
+    def label(self) -> str:
+        s = f"{self.n}x{self.k}x{self.d}"
+        return s + (f" r={self.r}" if self.r else "")
+
+    @property
+    def search_flops(self) -> int:
+        return 2 * self.n * self.k * self.d
+
+
+OPS = {"fwd": "fwd", "layer": "layer fwd+bwd"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape and op; ``providers`` restricts which providers run it (None = all)."""
+
+    shape: Shape
+    op: str  # a key of OPS
+    providers: Optional[tuple] = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    cases: tuple
+    hidden: bool = False
+
+    def shapes(self) -> list:
+        """The distinct shapes, in order."""
+        out = []
+        for c in self.cases:
+            if c.shape not in out:
+                out.append(c.shape)
+        return out
+
+
+def _fwd_and_layer(shapes, layer_shapes=None):
+    layer_shapes = shapes if layer_shapes is None else layer_shapes
+    return tuple([Case(s, "fwd") for s in shapes] + [Case(s, "layer") for s in layer_shapes])
+
+
+FUSED_BACKENDS = ("cpu", "cuda")
+MEMORY_SHAPE = Shape(16384, 262144, 32)
+MEMORY_TARGET_MIB = 256
+_MEMORY_CASE = Case(MEMORY_SHAPE, "fwd",
+                    providers=("reference", "cdist", "vq-pytorch", "chunked", "cpu", "cuda",
+                               "faiss"))
+
+PRESETS = {p.name: p for p in (
+    Preset("tiny", "seconds; for the smoke test",
+           _fwd_and_layer([Shape(512, 256, 16)]), hidden=True),
+    Preset("quick", "default; about a minute on 2 CPU cores",
+           _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64)],
+                          [Shape(16384, 1024, 64)])),
+    Preset("core", "issue 2's shapes, layer rows, and the 16384x262144x32 memory check",
+           _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64),
+                           Shape(8192, 65536, 32), Shape(4096, 16384, 256)])
+           + (_MEMORY_CASE,)),
+    Preset("image", "image tokenizer configs: N=16384, d=128, K from 1k to 262k",
+           _fwd_and_layer([Shape(16384, k, 128) for k in (1024, 8192, 65536, 262144)])),
+    Preset("audio", "audio tokenizer configs: N=1500, d=512, K from 4k to 262k",
+           _fwd_and_layer([Shape(1500, k, 512) for k in (4096, 65536, 262144)])),
+    Preset("small-d", "d=8, where the argmin epilogue dominates",
+           _fwd_and_layer([Shape(16384, k, 8) for k in (1024, 8192, 65536)],
+                          [Shape(16384, 8192, 8)])),
+    Preset("cpu", "a CPU-sized mix of image, audio and small-d shapes (minutes)",
+           _fwd_and_layer([Shape(16384, 4096, 128), Shape(1500, 16384, 512),
+                           Shape(16384, 16384, 8), Shape(8192, 32768, 32)],
+                          [Shape(16384, 4096, 128), Shape(1500, 16384, 512)])),
+    Preset("memory", "only the fused forward's peak memory at 16384x262144x32 "
+           "(--memory-check)", (Case(MEMORY_SHAPE, "fwd", providers=FUSED_BACKENDS),)),
+)}

@@ -1,0 +1,169 @@
+"""Timing: device-synchronised timed runs, the matrix-product ceiling, the side-by-side
+ceiling fraction, and the guards against other processes sharing the CPUs."""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable, n: int, device) -> list:
+    """Seconds of ``n`` calls of ``fn``, the device synchronised inside the timed region
+    (CUDA events on CUDA, perf_counter elsewhere)."""
+    device = torch.device(device)
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+CONTENTION_CORES = 0.1
+MAX_RUNS = 500
+
+
+class ForeignCPU:
+    """CPU time that *other* processes used during a region, in cores: the machine's
+    busy time (/proc/stat) minus this process's own (all threads). Timings taken while
+    it is well above zero were shared with someone else; the row says so."""
+
+    @staticmethod
+    def _machine_busy_s():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def __enter__(self):
+        self.cores = None
+        try:
+            self.t0, self.m0, self.o0 = time.perf_counter(), self._machine_busy_s(), self._own_s()
+        except (OSError, ValueError, IndexError):
+            self.t0 = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.t0 is not None:
+            wall = time.perf_counter() - self.t0
+            foreign = (self._machine_busy_s() - self.m0) - (self._own_s() - self.o0)
+            # /proc/stat ticks are 10 ms: below ~0.5 s of wall time the figure is noise
+            self.cores = max(0.0, foreign / wall) if wall >= 0.5 else None
+        return False
+
+
+def ceiling_tile(d: int, device):
+    """The ceiling's unit of work, warmed up: torch.mm of a cache-resident (T x d) @
+    (d x T) tile into a preallocated output, T = 1024 on CPU, 8192 on CUDA (design.md
+    §5). Returns (callable, flops per call)."""
+    device = torch.device(device)
+    t = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(t, d, device=device)
+    bt = torch.randn(t, d, device=device).t()
+    c = torch.empty(t, t, device=device)
+
+    def tile():
+        torch.mm(a, bt, out=c)
+
+    for _ in range(5):
+        tile()
+    return tile, 2 * t * t * d
+
+
+def ceiling_gflops(d: int, device, min_runs: int = 50, min_seconds: float = 0.3) -> float:
+    """GFLOP/s of the ceiling tile (see :func:`ceiling_tile`)."""
+    tile, flops = ceiling_tile(d, device)
+    times, t_start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - t_start < min_seconds:
+        times += time_runs(tile, 1, device)
+        if len(times) > 100_000:
+            break
+    return flops / statistics.median(times) / 1e9
+
+
+PAIRS = 15
+
+
+def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
+                            pairs: int = PAIRS) -> Optional[float]:
+    """The op's fraction of the matrix-product ceiling, measured side by side: the op and
+    a batch of ceiling tiles of about the same duration are timed alternately in this
+    process, and the median of the per-pair ratios is returned. Slow drifts of the
+    machine's speed (other tenants, clocks) then cancel, which a ceiling measured at the
+    start and end of the run cannot do."""
+    tile, flops = ceiling_tile(shape.d, device)
+    tile_s = statistics.median(time_runs(tile, 20, device))
+    reps = max(1, round(op_s / tile_s))
+
+    def tiles():
+        for _ in range(reps):
+            tile()
+
+    pairs = max(3, min(pairs, int(budget // max(2 * op_s, 1e-9))))
+    ratios = []
+    for _ in range(pairs):
+        t_op = time_runs(run, 1, device)[0]
+        t_tiles = time_runs(tiles, 1, device)[0]
+        ratios.append((shape.search_flops / t_op) / (flops * reps / t_tiles))
+    return statistics.median(ratios)
+
+
+def other_cpu_load(window: float = 0.5) -> Optional[float]:
+    """Cores kept busy by other processes over ``window`` seconds (this process idles)."""
+    with ForeignCPU() as f:
+        time.sleep(window)
+    return f.cores
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Waits (up to ``max_wait`` s) until other processes use less than ``threshold``
+    cores; returns the seconds waited. Timings shared with another job are worthless."""
+    t0 = time.perf_counter()
+    while max_wait > 0:
+        load = other_cpu_load()
+        if load is None or load < threshold or time.perf_counter() - t0 >= max_wait:
+            break
+        time.sleep(2.0)
+    return time.perf_counter() - t0
+
+
+class QuietGate:
+    """Waits for a quiet machine before each row: at most ``per_row`` seconds each and
+    ``total`` seconds over the whole run (then it stops waiting, and rows that were
+    contended say so), so a machine that is never quiet still finishes."""
+
+    def __init__(self, per_row: float, total: float):
+        self.per_row, self.left, self.waited = per_row, total, 0.0
+
+    def wait(self):
+        if self.per_row > 0 and self.left > 0:
+            w = wait_for_quiet(min(self.per_row, self.left))
+            self.left -= w
+            self.waited += w
+
+
