@@ -7,12 +7,23 @@ is kept for ``python -m simvq_kernels.info``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import threading
 import warnings
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
+_hooks: list = []  # run once, in order, right after the extension is imported
+
+
+def add_load_hook(fn) -> None:
+    """Run ``fn(module)`` right after the extension is imported (at once if it already
+    is). The backends register their fake kernels and autograd this way, so this module
+    imports none of them."""
+    _hooks.append(fn)
+    if _state["module"] is not None:
+        fn(_state["module"])
 
 FIX_HINT = (
     "Rebuild it with `pip install -e .` from the repository root (a C++ compiler and "
@@ -36,9 +47,8 @@ def load():
                 import torch  # noqa: F401  (the extension links against libtorch)
 
                 mod = importlib.import_module("simvq_kernels._C")
-                from . import ops
-
-                ops._register_python_parts()
+                for hook in _hooks:
+                    hook(mod)
                 _state["module"] = mod
             # Any failure while importing a compiled module (ImportError for a missing
             # file or symbol, OSError for a bad library, and whatever its static
@@ -63,6 +73,17 @@ def available() -> bool:
 def error() -> str | None:
     load()
     return _state["error"]
+
+
+def build_info() -> dict:
+    """What setup.py recorded about the build (``simvq_kernels/_build_info.json``,
+    written at build time; empty if absent), e.g. why the CUDA sources were skipped."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def built_with_cuda() -> bool:

@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__, _ext
-    from .backends import BACKENDS
+    from .backends import AUTO_ORDER, BACKENDS, validation
 
     info = {
         "simvq_kernels": __version__,
@@ -33,20 +33,26 @@ def collect() -> dict:
     backends = {}
     for name, b in BACKENDS.items():
         problem = b.install_problem()
-        backends[name] = ("available" if problem is None else "unavailable: " + problem,
-                          b.description, "/".join(b.devices))
+        status = "available" if problem is None else "unavailable: " + problem
+        if b.gpu and (problem is None or name == "cuda" and _ext.built_with_cuda()):
+            status += "; " + ("built, " if name == "cuda" else "") + validation.status(name)
+        backends[name] = (status, b.description, "/".join(b.devices))
     info["backends"] = backends
+    info["auto order"] = ", ".join(AUTO_ORDER)
     return info
 
 
 def main() -> int:
     info = collect()
     backends = info.pop("backends")
+    order = info.pop("auto order")
     width = max(len(k) for k in info)
     print("simvq-kernels environment")
     for k, v in info.items():
         print(f"  {k:<{width}}  {v}")
-    print("backends (auto order: cuda, cpu, chunked; 'reference' only on request):")
+    print(f"backends (auto order: {order}; 'reference' only on request; a GPU backend only "
+          "once validated on that GPU's architecture, until then 'chunked' on CUDA "
+          "tensors):")
     for name, (status, desc, devices) in backends.items():
         print(f"  {name:<10} {status}")
         print(f"  {'':<10} {desc} [{devices}]")

@@ -4,9 +4,10 @@
 - ``simvq_quantize(z, basis, weight, bias)``: projection + search + gather, with the
   SimVQ backward (dW = g^T basis[idx], db = sum g) on the fused backends.
 
-The compiled backends are ``torch.ops.simvq.*`` (schemas in csrc/simvq.cpp). Their fake
-(meta) kernels and autograd formulas are registered here, once, when the extension is
-first loaded (see ``_ext.load``), so they work with autograd and FakeTensor tracing.
+Each backend is one object in ``simvq_kernels/backends/`` that owns its calls; this
+module validates the arguments, asks the registry which backend serves the input and
+calls it (no branch on a backend's name). The compiled backends' fake kernels and
+autograd are registered by ``backends/compiled.py`` when the extension is loaded.
 
 torch.compile: the public ops trace with no graph break (``fullgraph=True`` works).
 Inside a compiled region (``torch.compiler.is_compiling()``)
@@ -20,7 +21,8 @@ Inside a compiled region (``torch.compiler.is_compiling()``)
 - nothing is logged;
 - the 'reference' and 'chunked' searches run as the custom ops
   ``simvq_py::reference_nearest_code`` / ``simvq_py::chunked_nearest_code`` (their
-  tie rule uses ``torch.unique``, whose output shape is data-dependent).
+  tie rule uses ``torch.unique``, whose output shape is data-dependent; see
+  ``backends/python.py``).
 
 Load the extension before tracing (``SimVQ.__init__`` does; for the bare ops call
 :func:`ensure_loaded` once, or let the trace-time backend resolution load it).
@@ -32,8 +34,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _ext, _validate, reference
-from .backends import BackendUnavailableError, select_backend
+from . import _ext, _validate
+from .backends import BACKENDS, BackendUnavailableError, select_backend
+from .backends import python as _python_backends
+from .backends.base import dist_dtype as _dist_dtype
 
 log = logging.getLogger("simvq_kernels")
 
@@ -49,124 +53,6 @@ class NearestOutput(NamedTuple):
     indices: torch.Tensor
     distances: torch.Tensor
     backend: str
-
-
-def _dist_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------- registration (once)
-
-def _fake_nearest_code(z, codebook):
-    n = z.shape[0]
-    return (z.new_empty((n,), dtype=torch.long),
-            z.new_empty((n,), dtype=_dist_dtype(z.dtype)))
-
-
-def _fake_quantize(z, basis, weight, bias):
-    n = z.shape[0]
-    return (torch.empty_like(z, memory_format=torch.contiguous_format),
-            z.new_empty((n,), dtype=torch.long),
-            z.new_empty((n,), dtype=_dist_dtype(z.dtype)))
-
-
-def _fake_quantize_backward(grad_zq, basis, indices, weight):
-    return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
-
-
-def _quantize_setup_context(ctx, inputs, output):
-    z, basis, weight, bias = inputs
-    _, idx, dist = output
-    ctx.save_for_backward(basis, idx, weight)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(idx, dist)
-
-
-def _quantize_backward(ctx, grad_zq, grad_idx, grad_dist):
-    basis, idx, weight = ctx.saved_tensors
-    if grad_zq is None:
-        return None, None, None, None
-    dw, db = torch.ops.simvq.quantize_backward(grad_zq, basis, idx, weight)
-    return None, None, dw, (db if ctx.has_bias else None)
-
-
-def _register_python_parts():
-    """Fake kernels + autograd for the compiled ops; called once by ``_ext.load``."""
-    torch.library.register_fake("simvq::nearest_code")(_fake_nearest_code)
-    torch.library.register_fake("simvq::quantize")(_fake_quantize)
-    torch.library.register_fake("simvq::quantize_backward")(_fake_quantize_backward)
-    torch.library.register_autograd("simvq::quantize", _quantize_backward,
-                                    setup_context=_quantize_setup_context)
-
-
-# ------------------------------------------- the pure-PyTorch searches as custom ops
-# The 'reference' and 'chunked' searches end with ``reference.first_of_duplicates``
-# (ties to the lowest index among exact duplicate codes), whose ``torch.unique`` has a
-# data-dependent output shape: Dynamo would break the graph there. Inside a compiled
-# region the two searches therefore run as opaque custom ops (device-generic, with fake
-# kernels), and the differentiable assembly of zq around them is traced as usual.
-
-@torch.library.custom_op("simvq_py::reference_nearest_code", mutates_args=())
-def _reference_nearest_op(z: torch.Tensor, codebook: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, dist = reference.nearest_code(z, codebook)
-    return idx.clone(), dist.clone()
-
-
-@torch.library.custom_op("simvq_py::chunked_nearest_code", mutates_args=())
-def _chunked_nearest_op(z: torch.Tensor, codebook: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, dist = reference.nearest_code_chunked(z, codebook)
-    return idx.clone(), dist.clone()
-
-
-def _fake_py_nearest(z, codebook):
-    n = z.shape[0]
-    return (z.new_empty((n,), dtype=torch.long),
-            z.new_empty((n,), dtype=reference.compute_dtype(z.dtype)))
-
-
-_reference_nearest_op.register_fake(_fake_py_nearest)
-_chunked_nearest_op.register_fake(_fake_py_nearest)
-
-
-@torch.library.custom_op("simvq_py::first_of_duplicates", mutates_args=())
-def _first_of_duplicates_op(rows: torch.Tensor) -> torch.Tensor:
-    return reference.first_of_duplicates(rows).clone()
-
-
-@_first_of_duplicates_op.register_fake
-def _(rows):
-    return rows.new_empty((rows.shape[0],), dtype=torch.long)
-
-
-def _py_nearest(name, z, codebook):
-    if _compiling():
-        op = _reference_nearest_op if name == "reference" else _chunked_nearest_op
-        return op(z, codebook)
-    fn = reference.nearest_code if name == "reference" else reference.nearest_code_chunked
-    return fn(z, codebook)
-
-
-def _py_quantize_traced(name, z, basis, weight, bias):
-    """reference.simvq_quantize / simvq_quantize_chunked with the search as a custom op
-    (same math, for tracing)."""
-    dt = reference.compute_dtype(z.dtype)
-    if name == "reference":
-        codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
-                                              None if bias is None else bias.to(dt))
-        idx, dist = _reference_nearest_op(z.detach(), codebook.detach())
-        idx = _first_of_duplicates_op(basis.detach())[idx]
-        zq = torch.nn.functional.embedding(idx, codebook).to(z.dtype)
-        return zq, idx, dist
-    with torch.no_grad():
-        codebook = reference.project_codebook(basis.to(dt), weight.to(dt),
-                                              None if bias is None else bias.to(dt))
-    idx, dist = _chunked_nearest_op(z, codebook)
-    idx = _first_of_duplicates_op(basis.detach())[idx]
-    rows = basis.index_select(0, idx)
-    zq = torch.nn.functional.linear(rows, weight, bias).to(z.dtype)
-    return zq, idx, dist
 
 
 # --------------------------------------------------------------- compile-safe helpers
@@ -231,10 +117,7 @@ def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None) -> Neares
         log.debug("nearest_code: values up to %.3g, searching in float64",
                   max(maxima.values()))
         z, codebook = z.double(), codebook.double()
-    if name in ("reference", "chunked"):
-        idx, dist = _py_nearest(name, z, codebook)
-    else:  # compiled backends: cpu, cuda
-        idx, dist = torch.ops.simvq.nearest_code(z, codebook)
+    idx, dist = BACKENDS[name].nearest_code(z, codebook)
     return NearestOutput(idx, dist.to(out_dtype), name)
 
 
@@ -258,10 +141,12 @@ def nearest_code(z, codebook, backend="auto", *, check_finite=None):
     return out.indices, out.distances
 
 
-def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None
-             ) -> QuantizeOutput:
+def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None,
+             duplicate_map=None) -> QuantizeOutput:
     """Like :func:`simvq_quantize`, returning zq, indices, distances and the backend."""
     _validate.check_quantize(z, basis, weight, bias)
+    if duplicate_map is not None:
+        _validate.check_duplicate_map(duplicate_map, basis)
     maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
                            check_finite)
     name = _select(backend, z.device, z.dtype)
@@ -279,22 +164,17 @@ def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None
                       max(maxima["z"], code_bound))
             out = quantize(z.double(), basis.double(), weight.double(),
                            None if bias is None else bias.double(), name,
-                           check_finite=False)  # differentiable casts: grads come back
+                           check_finite=False,  # differentiable casts: grads come back
+                           duplicate_map=duplicate_map)
             return QuantizeOutput(out.zq.to(in_dtype), out.indices,
                                   out.distances.to(_dist_dtype(in_dtype)), name)
-    if name in ("reference", "chunked") and _compiling():
-        zq, idx, dist = _py_quantize_traced(name, z, basis, weight, bias)
-    elif name == "reference":
-        zq, idx, dist = reference.simvq_quantize(z, basis, weight, bias)
-    elif name == "chunked":
-        zq, idx, dist = reference.simvq_quantize_chunked(z, basis, weight, bias)
-    else:
-        zq, idx, dist = torch.ops.simvq.quantize(z, basis, weight, bias)
+    zq, idx, dist = BACKENDS[name].quantize(z, basis, weight, bias,
+                                            duplicate_map=duplicate_map)
     return QuantizeOutput(zq, idx, dist.to(_dist_dtype(z.dtype)), name)
 
 
 def simvq_quantize(z, basis, weight, bias: Optional[torch.Tensor] = None, backend="auto",
-                   *, check_finite=None):
+                   *, check_finite=None, duplicate_map=None):
     """SimVQ quantisation: zq = (basis @ weight.T + bias)[idx], idx = nearest code.
 
     Args:
@@ -302,6 +182,11 @@ def simvq_quantize(z, basis, weight, bias: Optional[torch.Tensor] = None, backen
         basis: (K, r) frozen basis (must not require grad), same device and dtype.
         weight: (d, r) projection weight. bias: (d,) or None.
         backend, check_finite: as in :func:`nearest_code`.
+        duplicate_map: optional int64 (K,) tensor giving, for each basis row, the lowest
+            index of an identical row (what ties on exact duplicate codes resolve to).
+            The pure-PyTorch backends compute it per call (``torch.unique`` over the
+            basis) when it is not given; a caller with a frozen basis can compute it
+            once with :func:`basis_duplicate_map` and pass it.
 
     Returns:
         (zq, indices): zq (N, d) in z's dtype, differentiable w.r.t. weight and bias
@@ -309,8 +194,16 @@ def simvq_quantize(z, basis, weight, bias: Optional[torch.Tensor] = None, backen
         The fused backends' backward computes dW = g^T basis[idx] and db = sum g with no
         K x d buffer.
     """
-    out = quantize(z, basis, weight, bias, backend, check_finite=check_finite)
+    out = quantize(z, basis, weight, bias, backend, check_finite=check_finite,
+                   duplicate_map=duplicate_map)
     return out.zq, out.indices
+
+
+def basis_duplicate_map(basis: torch.Tensor) -> torch.Tensor:
+    """For each row of ``basis`` (K, r), the lowest index of an identical row: int64 (K,).
+    Compute it once for a frozen basis and pass it as ``duplicate_map``."""
+    _validate.check_tensor("basis", basis, 2)
+    return _python_backends.basis_duplicate_map(basis)
 
 
 def ensure_loaded() -> bool:

@@ -1,70 +1,41 @@
 """Which backends exist, what each supports, and why one cannot serve an input.
 
-A backend is chosen per call from the input's device and dtype. ``"auto"`` takes the
-first backend in ``AUTO_ORDER`` that can serve the input; an explicit backend that
-cannot serve it raises :class:`BackendUnavailableError` saying why (no silent fallback).
-The 'reference' backend (official formula, builds the N x K matrix) is never picked by
-"auto"; its tile-bounded twin 'chunked' is the fallback.
+A backend is one object (one module per backend in this folder) that says what it can
+serve and owns its calls (``nearest_code``, ``quantize``, ``quantize_backward``; see
+``base.Backend``). A backend is chosen per call from the input's device and dtype.
+``"auto"`` takes the first backend in ``AUTO_ORDER`` that can serve the input -- a GPU
+backend only once it has passed the GPU acceptance run on that GPU's architecture
+(``validation.py``); an explicit backend that cannot serve it raises
+:class:`BackendUnavailableError` saying why (no silent fallback). The 'reference' backend
+(official formula, builds the N x K matrix) is never picked by "auto"; its tile-bounded
+twin 'chunked' is the fallback.
+
+Adding a backend: one module here defining ``BACKEND``, and one line in ``BACKENDS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from . import _ext
+from . import cpu, cuda, python, triton, validation
+from .base import FLOAT_DTYPES, Backend, BackendUnavailableError, dtype_name
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    python.REFERENCE,
+    python.CHUNKED,
+    cpu.BACKEND,
+    cuda.BACKEND,
+    triton.BACKEND,
+)}
 
+AUTO_ORDER = ("cuda", "triton", "cpu", "chunked")
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot serve this input (the message says why)."""
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    description: str
-    devices: tuple  # device types it serves
-    dtypes: tuple
-    needs_extension: bool
-    auto: bool  # may "auto" pick it?
-
-    def install_problem(self) -> str | None:
-        """Why this backend is not usable at all on this installation, else None."""
-        if self.needs_extension and not _ext.available():
-            return f"the compiled extension is not loaded ({_ext.error()})"
-        if self.name == "cuda" and not _ext.built_with_cuda():
-            return "the extension was built without CUDA kernels"
-        return None
-
-    def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """Why this backend cannot serve (device, dtype), or None if it can."""
-        problem = self.install_problem()
-        if problem:
-            return problem
-        if device.type not in self.devices:
-            return f"it runs on {'/'.join(self.devices)} tensors, not {device.type}"
-        if dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
-        return None
+__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendUnavailableError", "FLOAT_DTYPES",
+           "auto_skip_reason", "available_backends", "backend_status", "get",
+           "select_backend"]
 
 
-BACKENDS = {
-    b.name: b
-    for b in (
-        Backend("reference", "pure PyTorch, the official formula (builds the N x K matrix)",
-                ("cpu", "cuda", "mps", "xpu", "meta"), FLOAT_DTYPES, False, False),
-        Backend("chunked", "pure PyTorch over bounded tiles with a running argmin",
-                ("cpu", "cuda", "mps", "xpu", "meta"), FLOAT_DTYPES, False, True),
-        Backend("cpu", "fused C++ kernel: tiled sgemm + vectorised argmin, multithreaded",
-                ("cpu",), FLOAT_DTYPES, True, True),
-        Backend("cuda", "fused CUDA C++ kernel", ("cuda",), FLOAT_DTYPES, True, True),
-    )
-}
-
-AUTO_ORDER = ("cuda", "cpu", "chunked")
+def get(name: str) -> Backend:
+    return BACKENDS[name]
 
 
 def available_backends() -> list[str]:
@@ -75,6 +46,22 @@ def available_backends() -> list[str]:
 def backend_status() -> dict:
     """name -> None if installed and usable, else the reason it is not."""
     return {n: b.install_problem() for n, b in BACKENDS.items()}
+
+
+def auto_skip_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why "auto" would pass over backend ``name`` for (device, dtype), else None."""
+    b = BACKENDS[name]
+    if not b.auto:
+        return "never picked by 'auto'"
+    reason = b.why_not(device, dtype)
+    if reason is not None:
+        return reason
+    if b.gpu and device.type == "cuda" and not validation.validated_on(name, device):
+        return (f"not yet validated on a GPU of this architecture "
+                f"({validation.arch_of(device)}); ask for backend={name!r} explicitly")
+    if b.gpu and device.type != "cuda":
+        return "a GPU backend: 'auto' picks it on CUDA devices only"
+    return None
 
 
 def select_backend(backend: str, device, dtype: torch.dtype) -> str:
@@ -88,7 +75,7 @@ def select_backend(backend: str, device, dtype: torch.dtype) -> str:
         raise TypeError(f"`backend` must be a string, got {type(backend).__name__}")
     if backend == "auto":
         for name in AUTO_ORDER:
-            if BACKENDS[name].why_not(device, dtype) is None:
+            if auto_skip_reason(name, device, dtype) is None:
                 return name
         raise BackendUnavailableError(  # unreachable for float dtypes: 'chunked' serves all
             f"no backend can serve {dtype} tensors on {device}")
@@ -98,7 +85,16 @@ def select_backend(backend: str, device, dtype: torch.dtype) -> str:
     reason = BACKENDS[backend].why_not(device, dtype)
     if reason is not None:
         raise BackendUnavailableError(
-            f"backend {backend!r} cannot serve {str(dtype).replace('torch.', '')} tensors on "
+            f"backend {backend!r} cannot serve {dtype_name(dtype)} tensors on "
             f"{device}: {reason}. Use backend='auto' or one of "
             f"{[n for n, b in BACKENDS.items() if b.why_not(device, dtype) is None]}.")
     return backend
+
+
+def check_name(backend) -> None:
+    """Raise at once for a backend name that does not exist (e.g. at construction)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"`backend` must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            f"unknown `backend` {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")

@@ -1,0 +1,25 @@
+"""The 'cuda' backend: the extension's CUDA C++ kernels (csrc/cuda/): tensor-core
+GEMM with a row-argmin epilogue, and the gather-GEMM backward."""
+from __future__ import annotations
+
+from .. import _ext
+from .base import FLOAT_DTYPES
+from .compiled import CompiledBackend
+
+
+class CUDABackend(CompiledBackend):
+    name = "cuda"
+    description = "fused CUDA C++ kernel: tensor-core GEMM with a row-argmin epilogue"
+    devices = ("cuda",)
+    dtypes = FLOAT_DTYPES
+    auto = True
+    gpu = True
+    dispatch_key = "CUDA"
+
+    def missing_kernels_reason(self) -> str:
+        why = _ext.build_info().get("cuda_reason")
+        return ("the extension was built without CUDA kernels"
+                + (f" ({why})" if why else ""))
+
+
+BACKEND = CUDABackend()
