@@ -9,7 +9,7 @@
 # table, CSV, JSON and figures per task.
 #
 #   bash python/run_large_k.sh            # from the repository root
-#   MIN64=12 MIN256=4 bash python/run_large_k.sh
+#   MIN64=12 MIN256=4 ROUNDS="images:65536 audio:262144" bash python/run_large_k.sh
 set -u
 OUT=${OUT:-python/results}
 MIN64=${MIN64:-12}     # training minutes per run at K = 65536
@@ -27,13 +27,20 @@ run_pair() {  # task, K, minutes, held-out evaluations during training, window
         echo "$(date -u +%T) start $task $q K=$k, $minutes min" >&2
         "$PY" "python/train_$task.py" --quantisers "$q" --codebook-sizes "$k" --lr "$lr" \
             --steps 1000000 --time-budget "$minutes" --heldout-evals "$evals" \
-            --window "$window" --threads 1 --no-progress --out "$dir" > "$dir/log.txt" 2>&1 &
+            --util-window "$window" --threads 1 --no-progress --out "$dir" > "$dir/log.txt" 2>&1 &
     done
     wait
     echo "$(date -u +%T) done $task K=$k" >&2
 }
 
-run_pair images 65536 "$MIN64" "$EVALS64" 320
-run_pair audio 65536 "$MIN64" "$EVALS64" 320
-run_pair images 262144 "$MIN256" 0 200
-run_pair audio 262144 "$MIN256" 0 200
+# which (task, K) pairs to run, in order
+ROUNDS=${ROUNDS:-"images:65536 audio:65536 images:262144 audio:262144"}
+for round in $ROUNDS; do
+    task=${round%%:*}
+    k=${round##*:}
+    if [ "$k" -le 65536 ]; then
+        run_pair "$task" "$k" "$MIN64" "$EVALS64" 320
+    else
+        run_pair "$task" "$k" "$MIN256" 0 200
+    fi
+done

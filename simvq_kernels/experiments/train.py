@@ -406,8 +406,8 @@ def common_parser(description: str, defaults: dict):
     p.add_argument("--heldout-evals", type=int, default=0,
                    help="held-out evaluations during training, evenly spaced over the "
                         "steps or the time budget (the final one is always made)")
-    p.add_argument("--window", type=int, default=None,
-                   help="training-utilisation curve: codes picked in the last WINDOW "
+    p.add_argument("--util-window", type=int, default=None, metavar="STEPS",
+                   help="training-utilisation curve: codes picked in the last STEPS "
                         "steps (default min(200, steps/5))")
     return p
 
@@ -416,7 +416,7 @@ def config_from_args(args) -> TrainConfig:
     if args.threads is None:
         args.threads = 1 if args.quick else 2
     log_every = max(1, min(25, args.steps // 20))
-    window = args.window if args.window else max(1, min(200, args.steps // 5))
+    window = args.util_window if args.util_window else max(1, min(200, args.steps // 5))
     budget = None if args.time_budget is None else 60.0 * args.time_budget
     if budget is not None and budget <= 0:
         raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
