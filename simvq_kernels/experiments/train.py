@@ -312,8 +312,12 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
              "csv": os.path.join(out_dir, "results.csv"),
              "md": os.path.join(out_dir, "results.md")}
     clean = [{k: v for k, v in r.items() if k != "examples"} for r in results]
+    extra = dict(extra or {})
+    summary = extra.pop("environment", None)  # a one-line summary for the table's header
     payload = {"task": task.name, "config": asdict(cfg), "task_notes": task.notes,
-               "environment": environment(), "results": clean, **(extra or {})}
+               "environment": environment(), "results": clean, **extra}
+    if summary is not None:
+        payload["environment_summary"] = summary
     with open(paths["json"], "w") as f:
         json.dump(payload, f, indent=1)
     cols = ["quantiser", "codebook_size", "utilisation", "used", "perplexity", "mse",
@@ -326,7 +330,8 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
             w.writerow([r[c] for c in cols])
     with open(paths["md"], "w") as f:
         f.write(f"# {task.name}: plain VQ vs SimVQ\n\n")
-        f.write(describe_run(task, cfg, results, extra) + "\n\n")
+        described = extra if summary is None else {**extra, "environment": summary}
+        f.write(describe_run(task, cfg, results, described) + "\n\n")
         f.write("Held-out utilisation: the fraction of the K codes picked at least once "
                 "when the trained model encodes the held-out set; perplexity: exp of the "
                 "entropy of the held-out code histogram.\n\n")
