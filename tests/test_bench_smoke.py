@@ -48,7 +48,7 @@ def test_list_presets(capsys):
     assert "tiny" not in text  # hidden
 
 
-def test_core_preset_has_issue_shapes():
+def test_core_preset_has_the_core_shapes():
     shapes = {(s.n, s.k, s.d) for s in bench.PRESETS["core"].shapes()}
     assert {(16384, 1024, 64), (16384, 8192, 64), (8192, 65536, 32),
             (4096, 16384, 256), (16384, 262144, 32)} <= shapes
@@ -89,3 +89,64 @@ def test_build_runner_matches_oracle_in_process(provider):
     r = bench.build_runner(provider, "fwd", inp)
     res = bench.check_output("fwd", inp, r.output(r.run()), u=0.0, check_rows=1024)
     assert res.ok, res.detail
+
+
+def test_peer_blas_environment_is_fair(monkeypatch):
+    """Peers run without the environment's OpenBLAS overrides; an OpenBLAS that falls
+    back to an SSE-era kernel on an AVX2/AVX-512 CPU gets the widest kernel the CPU runs."""
+    from simvq_kernels.bench import blas
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    removed = {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
+    env, note = blas.peer_env("detect")
+    assert env == removed and "removed OPENBLAS_CORETYPE=Haswell" in note
+    assert blas.peer_env("inherit")[0] is None
+    avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
+    fell_back = [{"api": "openblas", "kernel": "Barcelona", "library": "libopenblas.so"}]
+    native = [{"api": "openblas", "kernel": "Zen", "library": "libopenblas.so"}]
+    env, note = blas.peer_env("auto", fell_back, avx512)
+    assert env == dict(removed, OPENBLAS_CORETYPE="SkylakeX") and "Barcelona" in note
+    assert blas.peer_env("auto", fell_back, {"avx2", "fma"})[0]["OPENBLAS_CORETYPE"] == \
+        "Haswell"
+    assert blas.peer_env("auto", native, avx512)[0] == removed  # its own pick stands
+    assert blas.peer_env("auto", fell_back, {"sse2"})[0] == removed  # nothing better
+    assert blas.peer_env("auto", None, avx512)[0] == removed  # probe failed
+    assert blas.peer_env("SkylakeX")[0]["OPENBLAS_CORETYPE"] == "SkylakeX"
+
+
+def test_apply_env_in_child_only(monkeypatch):
+    """apply_env is what a peer's child runs before its BLAS loads: it removes and sets."""
+    import os
+
+    from simvq_kernels.bench import blas
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    blas.apply_env({"OPENBLAS_CORETYPE": "SkylakeX", "OPENBLAS_L2_SIZE": None})
+    assert os.environ["OPENBLAS_CORETYPE"] == "SkylakeX"
+    assert "OPENBLAS_L2_SIZE" not in os.environ
+    blas.apply_env(None)  # inherit: nothing changes
+    assert os.environ["OPENBLAS_CORETYPE"] == "SkylakeX"
+
+
+def test_machine_names_cpu_isa_caches_and_blas():
+    from simvq_kernels.bench import machine
+
+    info = machine.machine_info("cpu")
+    for key in ("cpu", "cpu isa", "cpu caches", "torch blas", "openblas environment",
+                "git commit"):
+        assert info.get(key), key
+    assert machine.cpu_isa({"avx2", "fma"}) == "AVX2, FMA"
+    assert machine.cpu_isa({"avx512f", "avx512bw", "avx2"}).startswith("AVX-512F BW")
+
+
+def test_no_issue_numbers_in_user_facing_text():
+    text = bench.list_presets(show_hidden=True)
+    row = bench.Row("cpu", bench.Shape(64, 32, 8), "fwd", times=[1e-3], check="pass",
+                    vs_reference=5.0, ceiling=10.0)
+    res = bench.BenchResult(bench.PRESETS["tiny"], "cpu", [row], {8: 10.0},
+                            bench.machine_info("cpu"), [], "cpu")
+    text += bench.format_report(res) + bench.format_markdown(res)
+    assert "issue" not in text.lower()
+    assert "targets (fused backend 'cpu'" in text

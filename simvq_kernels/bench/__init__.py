@@ -43,8 +43,9 @@ Method
       contended row is re-run (``--contention-retries``), keeping the quietest run.
     - Before timing, the result of the warm-up run is checked against the float64
       oracle with the criterion of design.md §3: pick k passes for token z if
-      d64(z, Q_k) - min_j d64(z, Q_j) <= eps(z) = 4u*||z||*max||Q|| + 1e-6*(||z||^2 +
-      max||Q||^2) (u = 0 for exact fp32 products), and a returned distance must lie
+      d64(z, Q_k) - min_j d64(z, Q_j) <= eps(z) = 4u*||z||*max||Q|| + a(d)*(||z||^2 +
+      max||Q||^2), a(d) = max(1e-6, 4*sqrt(d)*2^-24) (u = 0 for exact fp32 products,
+      2^-11 for tf32, 2^-8 for bf16), and a returned distance must lie
       within eps(z) of d64(z, Q_k). Rows are checked against all K codes in float64 tiles
       (all rows when N <= --check-rows, else a random subset). Layer rows also compare
       dz, dW and db with autograd through the float64 reference at the provider's own

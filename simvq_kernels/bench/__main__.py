@@ -61,6 +61,12 @@ def parse_args(argv=None):
     ap.add_argument("--contention-retries", type=int, default=2,
                     help="re-run a row this many times if others used the CPUs while it was "
                          "timed, keeping the least contended run (default 2)")
+    ap.add_argument("--peer-blas", default="auto", metavar="MODE",
+                    help="BLAS environment of peers that bring their own BLAS (faiss-cpu): "
+                         "'auto' (default: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE removed, and the "
+                         "widest kernel the CPU runs forced if their OpenBLAS does not know "
+                         "this CPU), 'detect' (removed, their own pick), 'inherit' (the "
+                         "environment as it is) or an OpenBLAS kernel name, e.g. SkylakeX")
     ap.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
     ap.add_argument("--plot", default=None, help="write a PNG plot of throughput vs K")
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
                            case_timeout=args.case_timeout, quiet_wait=args.quiet_wait,
                            quiet_wait_total=args.quiet_wait_total,
                            contention_retries=args.contention_retries,
-                           threads=args.threads, seed=args.seed,
+                           threads=args.threads, seed=args.seed, peer_blas=args.peer_blas,
                            progress=not args.no_progress)
     print(format_report(result))
     if args.csv:

@@ -37,6 +37,12 @@ def unit_roundoff(device, dtype=torch.float32) -> float:
     return {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}.get(prec, 2.0**-11)
 
 
+def accumulation_term(d: int) -> float:
+    """a(d) = max(1e-6, 4 sqrt(d) 2^-24) of design.md §3: the float32 accumulation error
+    allowed, which grows with the length of the sums (and differs between BLAS builds)."""
+    return max(1e-6, 4.0 * math.sqrt(max(int(d), 0)) * 2.0**-24)
+
+
 def _codes64_from_codebook(codebook):
     def tile(k0, k1):
         return codebook[k0:k1].double()
@@ -87,7 +93,8 @@ def check_nearest(z, codes64: Callable, k: int, idx, dist=None, *, u: float = 0.
         best_idx = torch.where(better, i + k0, best_idx)
     picked = _gather_codes64(codes64, pick, k, tile_k)
     d_pick = ((z64 - picked) ** 2).sum(1)
-    eps = 4 * u * zn.sqrt() * math.sqrt(qmax2) + 1e-6 * (zn + qmax2)
+    eps = (4 * u * zn.sqrt() * math.sqrt(qmax2)
+           + accumulation_term(z.shape[1]) * (zn + qmax2))
     excess = d_pick - best - eps
     bad = int((excess > 0).sum())
     agree = float((best_idx == pick).double().mean())

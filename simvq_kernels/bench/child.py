@@ -3,6 +3,7 @@ that its peak memory is measured from a fresh process and a crash or a runaway p
 costs one row, not the run."""
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import statistics
@@ -11,11 +12,12 @@ import traceback
 
 import torch
 
+from .blas import apply_env, blas_libraries
 from .checks import check_output
 from .inputs import make_inputs
 from .memory import PeakMemory
 from .presets import Shape
-from .providers import build_runner
+from .providers import PROVIDERS, build_runner
 from .timing import (CONTENTION_CORES, MAX_RUNS, ForeignCPU, QuietGate, _sync,
                      ceiling_gflops, paired_ceiling_fraction, time_runs)
 
@@ -23,6 +25,8 @@ from .timing import (CONTENTION_CORES, MAX_RUNS, ForeignCPU, QuietGate, _sync,
 def _run_case_in_child(spec: dict) -> dict:
     """Body of one child process: inputs, pre-warm, measured warm-up, check, timings."""
     os.dup2(2, 1)  # peers' chatter goes to stderr; the parent's stdout stays the table
+    # a peer's BLAS reads its environment when it loads, i.e. below (see blas.py)
+    apply_env(spec.get("peer_env"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -30,8 +34,12 @@ def _run_case_in_child(spec: dict) -> dict:
         with ForeignCPU() as foreign:
             gflops = ceiling_gflops(spec["d"], device)
         return {"status": "ok", "gflops": gflops, "foreign_cores": foreign.cores}
-    shape = Shape(**spec["shape"])
     provider, op = spec["provider"], spec["op"]
+    blas_of = PROVIDERS[provider].module if PROVIDERS[provider].blas else None
+    if op == "blas-probe":  # which kernel the peer's BLAS picks in this environment
+        importlib.import_module(blas_of)
+        return {"status": "ok", "blas": blas_libraries(blas_of)}
+    shape = Shape(**spec["shape"])
     inp = make_inputs(shape, device, spec["seed"])
     tiny_shape = Shape(min(shape.n, 64), min(shape.k, 64), shape.d, shape.r)
     tiny = build_runner(provider, op, make_inputs(tiny_shape, device, spec["seed"] + 1))
@@ -67,7 +75,8 @@ def _run_case_in_child(spec: dict) -> dict:
                                          budget=spec["case_budget"] / 4)
     return {"status": "ok", "times": times, "first_s": first, "peak_bytes": mem.peak,
             "mem_method": mem.method, "check": check.label, "check_detail": check.detail,
-            "note": note, "foreign_cores": foreign.cores, "paired_frac": paired}
+            "note": note, "foreign_cores": foreign.cores, "paired_frac": paired,
+            "blas": blas_libraries(blas_of) if blas_of else None}
 
 
 def _child_entry(spec: dict, conn) -> None:

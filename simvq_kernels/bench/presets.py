@@ -76,7 +76,8 @@ PRESETS = {p.name: p for p in (
     Preset("quick", "default; about a minute on 2 CPU cores",
            _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64)],
                           [Shape(16384, 1024, 64)])),
-    Preset("core", "issue 2's shapes, layer rows, and the 16384x262144x32 memory check",
+    Preset("core", "four timing shapes (d = 64, 32, 256), layer rows, and the "
+           "16384x262144x32 memory check",
            _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64),
                            Shape(8192, 65536, 32), Shape(4096, 16384, 256)])
            + (_MEMORY_CASE,)),

@@ -83,7 +83,7 @@ def format_report(result: BenchResult) -> str:
         lines.append("note: " + n)
     targets = evaluate_targets(result)
     if targets:
-        lines += ["", f"issue 2 targets (fused backend '{result.fused}'):"]
+        lines += ["", f"targets (fused backend '{result.fused}', ratios measured in this run):"]
         for t, v, s in targets:
             lines.append(f"  [{s:>6}] {t}: {v}")
     return "\n".join(lines)
@@ -117,7 +117,8 @@ def format_markdown(result: BenchResult, plot_path: Optional[str] = None,
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     targets = evaluate_targets(result)
     if targets:
-        md += ["", f"## Issue 2 targets (fused backend `{result.fused}`)", "",
+        md += ["", f"## Targets (fused backend `{result.fused}`, ratios measured in this "
+               "run)", "",
                "| target | measured | |", "|---|---:|---|"]
         md += [f"| {t} | {v} | {s} |" for t, v, s in targets]
     if plot_path:

@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
+from .blas import describe, peer_env
 from .checks import unit_roundoff
-from .child import run_measured
+from .child import run_in_child, run_measured
 from .machine import machine_info
 from .memory import total_memory_bytes
 from .presets import OPS, Preset, Shape
-from .providers import (BACKEND_NAMES, PAIRED_PROVIDERS, PEER_NAMES, select_providers,
-                        skip_reason)
+from .providers import (BACKEND_NAMES, PAIRED_PROVIDERS, PEER_NAMES, PROVIDERS,
+                        select_providers, skip_reason)
 from .timing import CONTENTION_CORES, QuietGate
 
 
@@ -103,8 +104,10 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                   case_timeout: float = 900.0, quiet_wait: float = 60.0,
                   quiet_wait_total: float = 600.0,
                   contention_retries: int = 2, threads: Optional[int] = None, seed: int = 0,
-                  progress: bool = True) -> BenchResult:
-    """Runs ``preset`` and returns its rows (no printing)."""
+                  progress: bool = True, peer_blas: str = "auto") -> BenchResult:
+    """Runs ``preset`` and returns its rows (no printing). ``peer_blas``: the BLAS
+    environment of peers that bring their own BLAS ('auto', 'detect', 'inherit' or an
+    OpenBLAS kernel name; see blas.py)."""
     import simvq_kernels as sk
 
     try:
@@ -155,6 +158,18 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
             bar.update(1)
         return got
 
+    peer_envs, peer_blas_seen = {}, {}
+    for p in providers:
+        if not PROVIDERS[p].blas:
+            continue
+        probe = None
+        if peer_blas == "auto":
+            out = run_in_child(dict(base, provider=p, op="blas-probe",
+                                    peer_env=peer_env("detect")[0]), case_timeout)
+            probe = out.get("blas") if out["status"] == "ok" else None
+        peer_envs[p], why = peer_env(peer_blas, probe)
+        notes.append(f"peer {p}: {why}")
+
     ceil_start = measure_ceilings("start")
     rows = []
     for p, case in plan:
@@ -170,8 +185,11 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         else:
             spec = dict(base, provider=p, op=case.op,
                         shape={"n": s.n, "k": s.k, "d": s.d, "r": s.r},
-                        paired_ceiling=case.op == "fwd" and p in PAIRED_PROVIDERS)
+                        paired_ceiling=case.op == "fwd" and p in PAIRED_PROVIDERS,
+                        peer_env=peer_envs.get(p))
             out = run_measured(spec, case_timeout, gate, contention_retries)
+            if out.get("blas") is not None:
+                peer_blas_seen.setdefault(p, set()).add(describe(out["blas"]))
             if out["status"] == "ok":
                 row.times = out["times"]
                 row.peak_bytes = out["peak_bytes"]
@@ -207,6 +225,8 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
     if gate.waited >= 1:
         notes.append(f"waited {gate.waited:.0f} s in all for other processes to leave the CPUs")
     _fill_ratios(rows)
+    for p, seen in peer_blas_seen.items():
+        notes.append(f"peer {p} ran its BLAS as: {' | '.join(sorted(seen))}")
     ext = sk.backend_status()
     if ext.get("cpu"):
         notes.append(f"backend cpu: {ext['cpu']}")
