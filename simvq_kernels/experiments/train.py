@@ -44,6 +44,9 @@ class TrainConfig:
     #: wall-clock training budget per run in seconds (None: train all ``steps``); the
     #: held-out evaluations during training do not count against it
     time_budget: Optional[float] = None
+    #: CPU-time training budget per run in seconds (this process's CPU time, so it does
+    #: not depend on what else the machine runs); None: no CPU budget
+    cpu_budget: Optional[float] = None
     #: held-out evaluations during training, evenly spaced over the steps (or over the
     #: time budget); 0: only the final one
     heldout_evals: int = 0
@@ -94,19 +97,19 @@ def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: s
     ``log_every`` steps, the mean training MSE and VQ loss since the last log and the
     fraction of codes picked by training batches in the last ``window`` steps.
 
-    With ``cfg.time_budget`` training stops after the step that spends it (or after
-    ``cfg.steps``); with ``cfg.heldout_evals`` the held-out set is evaluated that many
+    With ``cfg.time_budget`` (wall clock) or ``cfg.cpu_budget`` (this process's CPU time)
+    training stops after the step that spends one of them (or after ``cfg.steps``); with ``cfg.heldout_evals`` the held-out set is evaluated that many
     times during training (history points with ``heldout_utilisation``). ``info``, if
     given, receives ``steps_done``, ``stopped_by`` and the seconds spent in those
     evaluations."""
     info = {} if info is None else info
     gen = torch.Generator().manual_seed(cfg.seed)  # same batches for every run
-    budget = cfg.time_budget
+    budget, cpu_budget = cfg.time_budget, cfg.cpu_budget
     n_evals = max(0, int(cfg.heldout_evals))
     # evaluation points: fractions i/(n+1) of the steps or of the time budget
     eval_marks = [(i + 1) / (n_evals + 1) for i in range(n_evals)]
     eval_s, eval_cpu = 0.0, 0.0
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     last_used = torch.full((codebook_size,), -10**9, dtype=torch.long)
     hist = []
@@ -130,15 +133,18 @@ def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: s
         acc["vq"] += vq_loss.item()
         acc["n"] += 1
         spent = time.perf_counter() - t_start - eval_s
-        out_of_time = budget is not None and spent >= budget
-        progress = spent / budget if budget is not None else step / cfg.steps
+        cpu = time.process_time() - c_start - eval_cpu
+        out_of_time = ((budget is not None and spent >= budget)
+                       or (cpu_budget is not None and cpu >= cpu_budget))
+        progress = max(step / cfg.steps, 0 if budget is None else spent / budget,
+                       0 if cpu_budget is None else cpu / cpu_budget)
         do_eval = bool(eval_marks) and progress >= eval_marks[0] and not out_of_time \
             and step < cfg.steps
         if step % cfg.log_every == 0 or step == cfg.steps or out_of_time or do_eval:
             util = float((last_used > step - cfg.window).float().mean())
             hist.append({"step": step, "train_mse": acc["rec"] / acc["n"],
                          "vq_loss": acc["vq"] / acc["n"], "window_utilisation": util,
-                         "train_seconds": spent})
+                         "train_seconds": spent, "train_cpu_seconds": cpu})
             acc = {"rec": 0.0, "vq": 0.0, "n": 0}
             if bar is not None:
                 bar.set_postfix(mse=f"{hist[-1]['train_mse']:.4f}", util=f"{util:.1%}")
@@ -158,7 +164,8 @@ def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: s
         if bar is not None:
             bar.update(1)
         if out_of_time:
-            stopped_by = "time budget"
+            stopped_by = ("time budget" if budget is not None and spent >= budget
+                          else "CPU budget")
             break
     if bar is not None:
         bar.close()
@@ -342,9 +349,14 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
 def describe_run(task: Task, cfg: TrainConfig, results, extra=None) -> str:
     tok = results[0]["heldout_tokens"] if results else 0
     kmax = max(r["codebook_size"] for r in results) if results else 0
-    steps = (f"{cfg.steps} steps" if cfg.time_budget is None else
-             f"up to {cfg.steps} steps or {cfg.time_budget / 60:g} min of training per run "
-             f"(steps done: {', '.join(str(r.get('steps_done')) for r in results)})")
+    limits = [f"{cfg.steps} steps"]
+    if cfg.time_budget is not None:
+        limits.append(f"{cfg.time_budget / 60:g} min of training")
+    if cfg.cpu_budget is not None:
+        limits.append(f"{cfg.cpu_budget / 60:g} CPU-min of training")
+    steps = (limits[0] if len(limits) == 1 else
+             f"up to {' or '.join(limits)} per run (steps done: "
+             f"{', '.join(str(r.get('steps_done')) for r in results)})")
     s = (f"{steps} x batch {cfg.batch_size}, Adam lr {cfg.lr}, beta {cfg.beta}, "
          f"seed {cfg.seed}, plain-VQ init {cfg.plain_init}; latent d={task.dim}, "
          f"{task.tokens_per_item} tokens per item; held-out set: "
@@ -408,6 +420,9 @@ def common_parser(description: str, defaults: dict):
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock training budget per run; training stops when it is "
                         "spent or after --steps, whichever comes first (default: no budget)")
+    p.add_argument("--cpu-budget", type=float, default=None, metavar="MINUTES",
+                   help="CPU-time training budget per run (this process's CPU time); "
+                        "training stops when it or --time-budget is spent")
     p.add_argument("--heldout-evals", type=int, default=0,
                    help="held-out evaluations during training, evenly spaced over the "
                         "steps or the time budget (the final one is always made)")
@@ -425,12 +440,16 @@ def config_from_args(args) -> TrainConfig:
     budget = None if args.time_budget is None else 60.0 * args.time_budget
     if budget is not None and budget <= 0:
         raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
+    cpu_budget = None if args.cpu_budget is None else 60.0 * args.cpu_budget
+    if cpu_budget is not None and cpu_budget <= 0:
+        raise ValueError(f"--cpu-budget must be positive, got {args.cpu_budget}")
     if args.heldout_evals < 0:
         raise ValueError(f"--heldout-evals must be >= 0, got {args.heldout_evals}")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        beta=args.beta, seed=args.seed, plain_init=args.plain_init,
                        log_every=log_every, window=window, threads=args.threads,
                        progress=not args.no_progress, time_budget=budget,
+                       cpu_budget=cpu_budget,
                        heldout_evals=args.heldout_evals)
 
 
