@@ -1,20 +1,25 @@
-"""Triton fused nearest-code search (FlashAssign-style): kernel and launcher.
+"""Triton fused nearest-code search (FlashAssign-style): kernel, configurations, launcher.
 
 Each program keeps a BLOCK_N tile of tokens and streams its share of the codebook in
-BLOCK_K chunks: acc = z_tile @ q_chunk^T (tl.dot, fp32 accumulation), v = ||q||^2 - 2 acc,
-and a running (min, argmin) per token with a strict '<' across chunks and the lowest
-index inside a chunk, so ties go to the lowest index and the result is deterministic.
-The N x K matrix never exists. When N is small the code range is split across a second
-grid axis (SPLIT_K programs per token tile); each split writes its partial (min, argmin)
-and a tiny deterministic merge in PyTorch takes the first minimum over splits (splits
-are in code order, so that is the lowest index).
+BLOCK_K chunks: acc = z_tile @ q_chunk^T (tl.dot, fp32 accumulation),
+v = ||q||^2 - 2 acc, and a running (min, argmin) per token with a strict '<' across
+chunks and the lowest index inside a chunk. The N x K matrix never exists. When there
+are too few token tiles to fill the GPU, the code range is split over a second grid
+axis (split-K): each split writes its partial (min, argmin) and a deterministic merge
+takes the first minimum over the splits, which are in code order.
 
-Precision: fp32 inputs use tl.dot's "ieee" path (exact fp32 products) when
-``torch.get_float32_matmul_precision() == "highest"``, else "tf32"; bf16/fp16 inputs
-multiply exactly into fp32. ||q||^2 is computed from the values that enter the product.
+Ties: every (token, code) value is computed by the same instruction sequence wherever
+the code sits (same tile shape, same reduction order, ||q||^2 from the same kernel), so
+exact duplicate codes give bit-identical values and the strict '<' / lowest-index rules
+send ties, duplicates included, to the lowest index, without a duplicate map.
 
-This module imports triton; it is only imported by the 'triton' backend when used.
-On CPU tensors it runs under ``TRITON_INTERPRET=1`` (set before triton is imported).
+Precision: float32 inputs follow ``torch.get_float32_matmul_precision()`` ("highest":
+exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products, and
+||q||^2 of the tf32-rounded values); bf16/fp16 inputs multiply exactly into fp32 on
+tensor cores. float64 is not served (the registry sends it elsewhere).
+
+Offsets: token rows, code rows and split rows are promoted to int64 before they are
+multiplied by a stride (N x d passes 2^31 elements at 16.7M tokens x 128).
 """
 from __future__ import annotations
 
@@ -22,119 +27,179 @@ import torch
 import triton
 import triton.language as tl
 
-_INT32_MAX = 2**31 - 1
+from .common import (Config, cfg, dot_precision, forced_splits, kernel, launch, next_pow2,
+                     num_sms)
+from .prologue import row_sqnorm
 
 
-@triton.jit
-def _nearest_code_fwd(
+def _nearest_code_kernel(
     Z, Q, QN, OUT_VAL, OUT_IDX,
     N, K, D, k_per_split,
     stride_zn, stride_zd, stride_qk, stride_qd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EMULATE_TF32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < N
+    z_rows = Z + offs_n.to(tl.int64)[:, None] * stride_zn
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
 
+    if SINGLE_D:  # the whole token tile stays on chip for every code chunk
+        zt = tl.load(z_rows + offs_d.to(tl.int64)[None, :] * stride_zd,
+                     mask=n_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+        if UPCAST:
+            zt = zt.to(tl.float32)
+        if EMULATE_TF32:  # the interpreter multiplies exactly: round like cvt.rna.tf32
+            zt = ((zt.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
     best_val = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.full([BLOCK_N], 0, tl.int32) + k_begin
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32) + k_begin
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_mask = dd < D
-            z = tl.load(Z + offs_n[:, None] * stride_zn + dd[None, :] * stride_zd,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            q = tl.load(Q + offs_k[None, :] * stride_qk + dd[:, None] * stride_qd,
-                        mask=k_mask[None, :] & d_mask[:, None], other=0.0)
-            if UPCAST:  # exact: bf16/fp16 products fit in fp32
-                z = z.to(tl.float32)
+        q_cols = Q + offs_k.to(tl.int64)[None, :] * stride_qk
+        if SINGLE_D:
+            q = tl.load(q_cols + offs_d.to(tl.int64)[:, None] * stride_qd,
+                        mask=k_mask[None, :] & (offs_d < D)[:, None], other=0.0)
+            if UPCAST:
                 q = q.to(tl.float32)
-            acc = tl.dot(z, q, acc, input_precision=INPUT_PRECISION)
+            if EMULATE_TF32:
+                q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(zt, q, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                d_mask = dd < D
+                z = tl.load(z_rows + dd.to(tl.int64)[None, :] * stride_zd,
+                            mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                q = tl.load(q_cols + dd.to(tl.int64)[:, None] * stride_qd,
+                            mask=k_mask[None, :] & d_mask[:, None], other=0.0)
+                if UPCAST:  # exact: bf16/fp16 values are fp32 values
+                    z = z.to(tl.float32)
+                    q = q.to(tl.float32)
+                if EMULATE_TF32:
+                    z = ((z.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32,
+                                                                              bitcast=True)
+                    q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32,
+                                                                              bitcast=True)
+                acc = tl.dot(z, q, acc, input_precision=INPUT_PRECISION)
         qn = tl.load(QN + offs_k, mask=k_mask, other=0.0)
         v = qn[None, :] - 2.0 * acc
         v = tl.where(k_mask[None, :], v, float("inf"))
         m = tl.min(v, axis=1)
-        j = tl.min(tl.where(v == m[:, None], offs_k[None, :], _INT32_MAX), axis=1)
+        # lowest index among the chunk's minima (k_end is past every valid code)
+        j = tl.min(tl.where(v == m[:, None], offs_k[None, :], k_end), axis=1)
         better = m < best_val
         best_val = tl.where(better, m, best_val)
         best_idx = tl.where(better, j, best_idx)
 
-    out = pid_s * N + offs_n
+    out = pid_s.to(tl.int64) * N + offs_n
     tl.store(OUT_VAL + out, best_val, mask=n_mask)
     tl.store(OUT_IDX + out, best_idx, mask=n_mask)
 
 
-def _config(n, k, d, device):
-    """Tile sizes per shape class (small d, d ~ 128, d ~ 512; small or large N)."""
-    if device.type == "cpu":  # the interpreter: small tiles keep it quick
-        return 16, 32, 16, 1
-    block_d = 16 if d <= 16 else (32 if d <= 32 else 64)
-    block_n = 64 if n <= 4096 else 128
-    block_k = 128 if d <= 128 else 64
-    return block_n, block_k, block_d, 4
+nearest_code_kernel = kernel(_nearest_code_kernel)
+
+# Tensor-core path (bf16, fp16, tf32) on a GPU, by d class: (max d, config).
+# d <= 128 keeps the token tile on chip (SINGLE_D); larger d streams d in chunks.
+_TC_CONFIGS = (
+    (16, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
+    (32, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, SINGLE_D=True)),
+    (64, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, SINGLE_D=True)),
+    (128, cfg(num_warps=8, num_stages=3, BLOCK_N=128, BLOCK_K=128, BLOCK_D=128, SINGLE_D=True)),
+    (None, cfg(num_warps=8, num_stages=3, BLOCK_N=128, BLOCK_K=128, BLOCK_D=64, SINGLE_D=False)),
+)
+# tf32 operands are twice as wide: fewer pipeline stages / narrower code chunks.
+_TF32_CONFIGS = (
+    (16, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
+    (32, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, SINGLE_D=True)),
+    (64, cfg(num_warps=4, num_stages=2, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, SINGLE_D=True)),
+    (128, cfg(num_warps=8, num_stages=2, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128, SINGLE_D=True)),
+    (None, cfg(num_warps=8, num_stages=2, BLOCK_N=128, BLOCK_K=128, BLOCK_D=32, SINGLE_D=False)),
+)
+# Exact fp32 products ("highest"): CUDA-core FMAs, small tiles.
+_IEEE_CONFIGS = (
+    (16, cfg(num_warps=4, num_stages=2, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
+    (None, cfg(num_warps=4, num_stages=2, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, SINGLE_D=False)),
+)
 
 
-def _num_sms(device):
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def gpu_config_table(dtype: torch.dtype, precision: str):
+    """The (max d, Config) rows the GPU launcher chooses from for this dtype/precision."""
+    if dtype == torch.float32:
+        return _IEEE_CONFIGS if precision == "ieee" else _TF32_CONFIGS
+    return _TC_CONFIGS
 
 
-def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor):
-    """z (N, d), codebook (K, d) -> (idx int64 (N,), dist fp32 (N,)). Inputs validated
-    by the caller (same device/dtype, K >= 1, K < 2^31)."""
+def search_config(d: int, dtype: torch.dtype, precision: str, interpreted: bool) -> Config:
+    """The tile configuration for a search of width ``d`` (fixed rule, no autotuning)."""
+    if interpreted:  # the interpreter: few, large tiles (its cost is per operation)
+        bd = max(16, min(next_pow2(d), 128))
+        return cfg(BLOCK_N=64, BLOCK_K=256, BLOCK_D=bd if d <= 128 else 64, SINGLE_D=d <= 128)
+    for max_d, c in gpu_config_table(dtype, precision):
+        if max_d is None or d <= max_d:
+            return c
+    raise AssertionError("unreachable: the last row has no bound")
+
+
+def choose_splits(n_tiles: int, k_tiles: int, device: torch.device,
+                  splits: int | None = None) -> int:
+    """Split-K count: forced (argument, then SIMVQ_TRITON_SPLIT_K) or, by default,
+    enough splits to give every SM one program when the token tiles alone do not."""
+    if splits is None:
+        splits = forced_splits()
+    if splits is None:
+        sms = num_sms(device)
+        splits = max(1, sms // n_tiles) if n_tiles < sms else 1
+    return max(1, min(int(splits), k_tiles))
+
+
+def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Tensor | None
+                        = None, config: Config | None = None, splits: int | None = None):
+    """z (N, d), codebook (K, d) (same float dtype, any strides) -> (idx int64 (N,),
+    dist fp32 (N,)). ``qn``: ||codebook||^2 if the caller has it (computed from the
+    values that enter the product). ``config``/``splits`` override the fixed rules
+    (tests). Inputs are validated by the caller (K >= 1, K < 2^31, finite)."""
     n, d = z.shape
     k = codebook.shape[0]
+    dev = z.device
     if n == 0:
-        return (torch.empty(0, dtype=torch.long, device=z.device),
-                torch.empty(0, dtype=torch.float32, device=z.device))
-    if z.dtype == torch.float32:
-        prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    elif z.dtype in (torch.bfloat16, torch.float16):
-        prec = "ieee"
-    else:
-        raise TypeError(f"triton nearest_code: unsupported dtype {z.dtype}")
-    qn = codebook.float().square().sum(1)
-    if prec == "tf32":  # norms of the tf32-rounded values that enter the product
-        qn = _round_tf32(codebook).square().sum(1)
-    block_n, block_k, block_d, warps = _config(n, k, d, z.device)
-    n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    target = 2 * _num_sms(z.device)
-    splits = max(1, min(k_tiles, target // n_tiles)) if n_tiles < target else 1
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    val = torch.empty((splits, n), dtype=torch.float32, device=z.device)
-    idx = torch.empty((splits, n), dtype=torch.int32, device=z.device)
-    _nearest_code_fwd[(n_tiles, splits)](
-        z, codebook, qn, val, idx, n, k, d, k_per_split,
-        z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=prec,
-        # Triton's CPU interpreter mis-multiplies bf16 in tl.dot; widen there (exact)
-        UPCAST=(z.device.type == "cpu" and z.dtype == torch.bfloat16),
-        num_warps=warps,
-    )
-    if splits > 1:
-        s = torch.argmin(val, dim=0)  # first minimum: the lowest split, lowest index
-        best = val.gather(0, s[None])[0]
-        pick = idx.gather(0, s[None])[0]
+        return (torch.empty(0, dtype=torch.long, device=dev),
+                torch.empty(0, dtype=torch.float32, device=dev))
+    prec = dot_precision(z.dtype)
+    interpreted = dev.type == "cpu"
+    if qn is None:
+        qn = row_sqnorm(codebook, tf32_round=(prec == "tf32"))
+    c = config or search_config(d, z.dtype, prec, interpreted)
+    blocks = c.constexprs()
+    if blocks["SINGLE_D"] and d > blocks["BLOCK_D"]:
+        raise ValueError(f"configuration {c.label()} holds d <= {blocks['BLOCK_D']}, not {d}")
+    n_tiles = triton.cdiv(n, blocks["BLOCK_N"])
+    k_tiles = triton.cdiv(k, blocks["BLOCK_K"])
+    s = choose_splits(n_tiles, k_tiles, dev, splits)
+    k_per_split = triton.cdiv(k_tiles, s) * blocks["BLOCK_K"]
+    s = triton.cdiv(k, k_per_split)
+    val = torch.empty((s, n), dtype=torch.float32, device=dev)
+    idx = torch.empty((s, n), dtype=torch.int32, device=dev)
+    launch(nearest_code_kernel, (n_tiles, s),
+           z, codebook, qn, val, idx, n, k, d, k_per_split,
+           z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+           INPUT_PRECISION=("ieee" if interpreted else prec),
+           # the interpreter mis-multiplies bf16 in tl.dot: widen there (exact)
+           UPCAST=(interpreted and z.dtype != torch.float32),
+           EMULATE_TF32=(interpreted and prec == "tf32"),
+           device=dev, **blocks, **c.launch_options(dev))
+    if s > 1:
+        first = torch.argmin(val, dim=0, keepdim=True)  # first minimum: lowest split
+        best = val.gather(0, first)[0]
+        pick = idx.gather(0, first)[0]
     else:
         best, pick = val[0], idx[0]
-    zn = z.float().square().sum(1)
-    dist = (zn + best).clamp_min(0)
+    dist = (row_sqnorm(z) + best).clamp_min(0)
     return pick.long(), dist
-
-
-def _round_tf32(x):
-    """Round fp32 to tf32 (10 explicit mantissa bits), nearest, ties away from zero."""
-    bits = x.float().contiguous().view(torch.int32)
-    bits = (bits + 0x1000) & ~0x1FFF
-    return bits.view(torch.float32)

@@ -5,6 +5,10 @@ and accumulates sum_n g[n, d_tile]^T basis[idx[n], r_tile] over that split in fp
 gathering basis rows by index on the fly: no K x d (or K x r) buffer and no atomics.
 Splits write partial tiles that are summed in a fixed order (deterministic).
 grad_bias = sum_n grad_zq is a plain fp32 reduction.
+
+Products: bf16 x bf16 and fp16 x fp16 on tensor cores (exact in fp32); anything else
+(float32, mixed dtypes) is widened to fp32 and multiplied exactly ("ieee"), since the
+gradient is compared at fp32 accuracy. Token, code-row and split offsets are int64.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cfg, kernel, launch, num_sms
 
-@triton.jit
-def _gather_gemm_tn(
+
+def _gather_gemm_tn_kernel(
     G, B, IDX, OUT,
     N, D, R, n_per_split,
     stride_gn, stride_gd, stride_bk, stride_br,
@@ -34,45 +39,60 @@ def _gather_gemm_tn(
     for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
-        rows = tl.load(IDX + offs_n, mask=n_mask, other=0)
-        g = tl.load(G + offs_n[None, :] * stride_gn + offs_d[:, None] * stride_gd,
+        rows = tl.load(IDX + offs_n, mask=n_mask, other=0)  # int64 code indices
+        g = tl.load(G + offs_n.to(tl.int64)[None, :] * stride_gn
+                    + offs_d.to(tl.int64)[:, None] * stride_gd,
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        b = tl.load(B + rows[:, None] * stride_bk + offs_r[None, :] * stride_br,
+        b = tl.load(B + rows.to(tl.int64)[:, None] * stride_bk
+                    + offs_r.to(tl.int64)[None, :] * stride_br,
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
         if UPCAST:
             g = g.to(tl.float32)
             b = b.to(tl.float32)
-        else:
-            b = b.to(g.dtype)
         acc = tl.dot(g, b, acc, input_precision="ieee")
-    out = OUT + pid_s * D * R + offs_d[:, None] * R + offs_r[None, :]
+    out = OUT + (pid_s.to(tl.int64) * D + offs_d.to(tl.int64)[:, None]) * R + offs_r[None, :]
     tl.store(out, acc, mask=d_mask[:, None] & r_mask[None, :])
 
 
+gather_gemm_kernel = kernel(_gather_gemm_tn_kernel)
+
+
+def backward_config(interpreted: bool, low_precision: bool):
+    if interpreted:
+        return cfg(BLOCK_N=32, BLOCK_D=32, BLOCK_R=32)
+    if low_precision:
+        return cfg(num_warps=4, num_stages=3, BLOCK_N=64, BLOCK_D=64, BLOCK_R=64)
+    return cfg(num_warps=4, num_stages=2, BLOCK_N=16, BLOCK_D=64, BLOCK_R=64)
+
+
 def quantize_backward_triton(grad_zq: torch.Tensor, basis: torch.Tensor, idx: torch.Tensor,
-                             weight: torch.Tensor):
+                             weight: torch.Tensor, *, splits: int | None = None):
     """grad_zq (N, d), basis (K, r), idx int64 (N,), weight (d, r) ->
-    (grad_weight (d, r), grad_bias (d,)) in weight's dtype."""
+    (grad_weight (d, r), grad_bias (d,)) in weight's dtype. Any strides."""
     n, d = grad_zq.shape
     r = basis.shape[1]
     dev = grad_zq.device
     if n == 0:
         return torch.zeros_like(weight), weight.new_zeros(d)
-    interp = dev.type == "cpu"
-    block_n, block_d, block_r = (16, 16, 16) if interp else (64, 64, 64)
-    tiles = triton.cdiv(d, block_d) * triton.cdiv(r, block_r)
-    target = 2 if interp else 4 * torch.cuda.get_device_properties(dev).multi_processor_count
-    splits = max(1, min(triton.cdiv(n, block_n), target // tiles))
+    interpreted = dev.type == "cpu"
+    low = grad_zq.dtype == basis.dtype and basis.dtype in (torch.bfloat16, torch.float16)
+    c = backward_config(interpreted, low)
+    blocks = c.constexprs()
+    block_n = blocks["BLOCK_N"]
+    tiles = triton.cdiv(d, blocks["BLOCK_D"]) * triton.cdiv(r, blocks["BLOCK_R"])
+    if splits is None:
+        target = 4 * num_sms(dev)
+        splits = max(1, target // tiles)
+    splits = max(1, min(int(splits), triton.cdiv(n, block_n)))
     n_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, n_per_split)
+    idx = idx.contiguous()
     part = torch.empty((splits, d, r), dtype=torch.float32, device=dev)
-    g = grad_zq if grad_zq.dtype == basis.dtype else grad_zq.to(basis.dtype)
-    _gather_gemm_tn[(triton.cdiv(d, block_d), triton.cdiv(r, block_r), splits)](
-        g, basis, idx.to(torch.int32), part, n, d, r, n_per_split,
-        g.stride(0), g.stride(1), basis.stride(0), basis.stride(1),
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_R=block_r,
-        UPCAST=(interp or g.dtype == torch.float32),
-    )
+    launch(gather_gemm_kernel,
+           (triton.cdiv(d, blocks["BLOCK_D"]), triton.cdiv(r, blocks["BLOCK_R"]), splits),
+           grad_zq, basis, idx, part, n, d, r, n_per_split,
+           grad_zq.stride(0), grad_zq.stride(1), basis.stride(0), basis.stride(1),
+           UPCAST=(interpreted or not low), device=dev, **blocks, **c.launch_options(dev))
     dw = part.sum(0) if splits > 1 else part[0]
-    db = grad_zq.float().sum(0)
+    db = grad_zq.sum(0, dtype=torch.float32)
     return dw.to(weight.dtype), db.to(weight.dtype)
