@@ -48,7 +48,9 @@ def flat_result(name, payload):
     cfg = payload["config"]
     r.update({"run": name, "lr": cfg["lr"], "batch_size": cfg["batch_size"],
               "time_budget_minutes": None if cfg.get("time_budget") is None
-              else cfg["time_budget"] / 60, "util_window": cfg["window"]})
+              else cfg["time_budget"] / 60,
+              "cpu_budget_minutes": None if cfg.get("cpu_budget") is None
+              else cfg["cpu_budget"] / 60, "util_window": cfg["window"]})
     return r
 
 
@@ -80,8 +82,8 @@ def main(argv=None):
                          "total_seconds": p.get("total_seconds")} for n, p in runs]}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    cols = ["quantiser", "codebook_size", "lr", "batch_size", "time_budget_minutes",
-            "steps_done", "stopped_by", "train_seconds", "train_cpu_seconds", "utilisation",
+    cols = ["quantiser", "codebook_size", "lr", "batch_size", "cpu_budget_minutes",
+            "time_budget_minutes", "steps_done", "stopped_by", "train_seconds", "train_cpu_seconds", "utilisation",
             "used", "perplexity", "mse", metric, "heldout_tokens", "tokens_per_code",
             "eval_seconds", "eval_cpu_seconds", "heldout_evals_during_training_seconds",
             "backend"]
@@ -92,18 +94,18 @@ def main(argv=None):
             w.writerow([r.get(c) for c in cols])
 
     m = metric.upper()
-    head = ["K", "quantiser", "Adam lr", "training budget (min)", "steps done",
-            "train CPU (min)", "held-out utilisation", "codes used", "perplexity", "MSE",
+    head = ["K", "quantiser", "Adam lr", "steps done", "train CPU (min)",
+            "train wall (min)", "stopped by", "held-out utilisation", "codes used", "perplexity", "MSE",
             f"{m} (dB)", "held-out tokens per code", "final evaluation (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         lines.append("| " + " | ".join([
             str(r["codebook_size"]), NAMES.get(r["quantiser"], r["quantiser"]), f"{r['lr']:g}",
-            f"{r['train_seconds'] / 60:.1f}", str(r["steps_done"]),
-            f"{r['train_cpu_seconds'] / 60:.1f}", format_percent(r["utilisation"]),
+            str(r["steps_done"]), f"{r['train_cpu_seconds'] / 60:.1f}",
+            f"{r['train_seconds'] / 60:.1f}", r["stopped_by"], format_percent(r["utilisation"]),
             str(r["used"]), f"{r['perplexity']:.1f}", f"{r['mse']:.5f}", f"{r[metric]:.2f}",
             f"{r['tokens_per_code']:.1f}", f"{r['eval_seconds']:.0f}"]) + " |")
-    curve = ["| K | quantiser | step | training time (min) | held-out utilisation | "
+    curve = ["| K | quantiser | step | train CPU (min) | held-out utilisation | "
              "codes used |", "|---|---|---|---|---|---|"]
     for r in results:
         pts = [h for h in r["history"] if "heldout_utilisation" in h]
@@ -111,22 +113,30 @@ def main(argv=None):
             continue
         for h in pts:
             curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | {h['step']} "
-                         f"| {h['train_seconds'] / 60:.1f} | "
+                         f"| {h['train_cpu_seconds'] / 60:.1f} | "
                          f"{format_percent(h['heldout_utilisation'])} | {h['heldout_used']} |")
         curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | "
-                     f"{r['steps_done']} (end) | {r['train_seconds'] / 60:.1f} | "
+                     f"{r['steps_done']} (end) | {r['train_cpu_seconds'] / 60:.1f} | "
                      f"{format_percent(r['utilisation'])} | {r['used']} |")
     cfg0 = runs[0][1]["config"]
+    lrs = {q: sorted({r["lr"] for r in results if r["quantiser"] == q}) for q in NAMES}
+    lr_text = ", ".join(f"{NAMES[q]} Adam lr {'/'.join(f'{x:g}' for x in v)}"
+                        for q, v in lrs.items() if v)
+    budgets = sorted({(r["codebook_size"], r["cpu_budget_minutes"], r["time_budget_minutes"])
+                      for r in results})
+    budget_text = "; ".join(
+        f"K = {k}: {c:g} CPU-min" + (f" (wall-clock cap {t:g} min)" if t else "")
+        if c else f"K = {k}: {t:g} min" for k, c, t in budgets)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# {task}: plain VQ vs SimVQ at large codebooks\n\n")
         f.write(
             f"Same model, data, seed and batch order as the default run "
             f"(batch {cfg0['batch_size']}, beta {cfg0['beta']}, d = 32); per K, plain VQ "
             f"and SimVQ trained side by side (two processes, one torch thread each) for the "
-            f"same wall-clock budget, then encoded a held-out set of >= 10 tokens per code. "
-            f"Plain VQ at its best-known learning rate (1e-3), SimVQ at the default one "
-            f"(2e-3). CPU: {env0.get('cpu_model')} ({env0.get('cpu_count')} cores, shared "
-            f"with other jobs, runs at nice 19), torch {env0.get('torch')}. Code: "
+            f"same training budget ({budget_text}; the held-out evaluations during training "
+            f"are not counted), then encoded a held-out set of >= 10 tokens per code. "
+            f"{lr_text}. CPU: {env0.get('cpu_model')} ({env0.get('cpu_count')} cores, "
+            f"shared with other jobs, runs at nice 19), torch {env0.get('torch')}. Code: "
             f"{'; '.join(commits)}.\n\n")
         f.write("\n".join(lines) + "\n\n")
         if len(curve) > 2:
@@ -139,7 +149,7 @@ def main(argv=None):
     windows = sorted({r["util_window"] for r in results})
     wlabel = (str(windows[0]) if len(windows) == 1 else
               " / ".join(f"{w}" for w in windows))
-    title = f"{task}: plain VQ (lr 1e-3) vs SimVQ (lr 2e-3), same wall-clock budget per K"
+    title = f"{task}: plain VQ vs SimVQ, the same training budget per K"
     plots.plot_utilisation_over_steps(results, os.path.join(out, "utilisation_over_steps.png"),
                                       wlabel, title)
     plots.plot_utilisation_vs_k(results, os.path.join(out, "utilisation_vs_k.png"), title,

@@ -147,3 +147,86 @@ def test_heldout_crops_never_touch_training_pixels():
     held = src.heldout_set(200, seed=1)
     assert float(train.max()) < cut <= float(held.min())
     assert torch.equal(held, src.heldout_set(200, seed=1))
+
+
+def _tiny_task():
+    from simvq_kernels.experiments.train import Task
+
+    gen = torch.Generator().manual_seed(5)
+    heldout = torch.rand(16, 1, 64, generator=gen)
+    return Task(name="audio", in_ch=1, nd=1, n_down=2, dim=8, hidden=16, tokens_per_item=16,
+                train_batch=lambda g, n: torch.rand(n, 1, 64, generator=g), heldout=heldout,
+                recon_metric="snr")
+
+
+@pytest.mark.parametrize("budget", ["cpu", "time", "steps"])
+def test_training_budgets_and_heldout_evaluations(budget):
+    from simvq_kernels.experiments.train import TrainConfig, run_one
+
+    # budgets well above one step's cost; a warm-up run first pays the one-off set-up
+    run_one(_tiny_task(), "simvq", 32, TrainConfig(steps=2, batch_size=4, window=5,
+                                                    threads=1, progress=False))
+    kw = {"cpu": {"cpu_budget": 1.5}, "time": {"time_budget": 1.5}, "steps": {}}[budget]
+    cfg = TrainConfig(steps=40 if budget == "steps" else 10**6, batch_size=4, log_every=5,
+                      window=5, threads=1, progress=False, heldout_evals=2, **kw)
+    r = run_one(_tiny_task(), "simvq", 32, cfg)
+    hist = r["history"]
+    assert r["steps_done"] == hist[-1]["step"] and 1 <= r["steps_done"] < 10**6
+    assert r["stopped_by"] == {"cpu": "CPU budget", "time": "time budget",
+                               "steps": "steps"}[budget]
+    if budget == "steps":
+        assert r["steps_done"] == 40
+    elif budget == "cpu":  # stops after the step that spends the budget
+        assert 1.5 <= r["train_cpu_seconds"] < 30 and hist[-1]["train_cpu_seconds"] >= 1.5
+    else:
+        assert 1.5 <= r["train_seconds"] < 30 and hist[-1]["train_seconds"] >= 1.5
+    # held-out evaluations during training: at most 2, at increasing steps, with counts
+    # consistent with the utilisation; their time is not counted in the training time
+    # (a wall-clock budget may be spent in one step on a loaded machine: no count there)
+    mid = [h for h in hist if "heldout_utilisation" in h]
+    assert len(mid) <= 2 and (budget == "time" or len(mid) >= 1)
+    assert [h["step"] for h in mid] == sorted({h["step"] for h in mid})
+    assert all(h["step"] < r["steps_done"] for h in mid)
+    for h in mid:
+        assert h["heldout_utilisation"] == h["heldout_used"] / 32
+        assert 1 <= h["heldout_used"] <= 32 and math.isfinite(h["heldout_mse"])
+    assert (r["heldout_evals_during_training_seconds"] > 0) == bool(mid)
+    steps = [h["step"] for h in hist]
+    assert steps == sorted(set(steps))
+
+
+def test_large_k_report_collects_runs(tmp_path):
+    from simvq_kernels.experiments.train import TrainConfig, environment, run_one
+
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import large_k_report
+    finally:
+        sys.path.pop(0)
+    task = _tiny_task()
+    for kind, k, lr in (("simvq", 64, 2e-3), ("plain", 32, 1e-3), ("simvq", 32, 2e-3)):
+        cfg = TrainConfig(steps=10**6, batch_size=4, lr=lr, log_every=5, window=5,
+                          threads=1, progress=False, cpu_budget=0.1, heldout_evals=1)
+        r = run_one(task, kind, k, cfg)
+        d = tmp_path / "runs" / f"{kind}_{k}"
+        d.mkdir(parents=True)
+        from dataclasses import asdict
+        (d / "results.json").write_text(json.dumps(
+            {"task": "audio", "config": asdict(cfg), "task_notes": {},
+             "environment": environment(), "results": [r], "argv": []}))
+    rows = large_k_report.main(["--task", "audio", "--runs", str(tmp_path / "runs")])
+    assert [(r["codebook_size"], r["quantiser"]) for r in rows] == [
+        (32, "plain"), (32, "simvq"), (64, "simvq")]
+    from simvq_kernels.experiments.train import parse_markdown_table
+
+    table = parse_markdown_table((tmp_path / "results.md").read_text())
+    assert [(t["K"], t["quantiser"], t["Adam lr"]) for t in table] == [
+        ("32", "plain VQ", "0.001"), ("32", "SimVQ", "0.002"), ("64", "SimVQ", "0.002")]
+    for t, r in zip(table, rows):
+        assert t["codes used"] == str(r["used"]) and t["steps done"] == str(r["steps_done"])
+        assert t["stopped by"] == "CPU budget"
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert len(payload["runs"]) == 3 and len(payload["results"]) == 3
+    assert len((tmp_path / "results.csv").read_text().strip().splitlines()) == 4
+    for png in ("utilisation_over_steps.png", "utilisation_vs_k.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
