@@ -59,5 +59,51 @@ def main() -> int:
     return 0
 
 
+def kernels_main() -> int:
+    """``--kernels``: compile every Triton configuration the launchers can choose for
+    sm_90a and sm_80 (no GPU needed) and print one row per build: registers, spill
+    bytes, shared memory, tensor-core instruction; then the compiled extension's CUDA
+    kernels, if it has any. Exit status 1 if a Triton build fails to compile, spills,
+    exceeds its architecture's shared memory or lacks a tensor-core instruction where
+    its products are bf16/fp16/tf32; 2 if triton or the CUDA binary tools are missing."""
+    if importlib.util.find_spec("triton") is None:
+        print("--kernels needs triton (pip install triton)")
+        return 2
+    import time
+
+    from . import _ext, sass
+    from .triton import aot
+
+    try:
+        for name in ("cuobjdump", "ptxas"):
+            sass.tool(name)
+    except sass.ToolMissing as e:
+        print(f"--kernels: {e}")
+        return 2
+    import triton
+
+    t0 = time.perf_counter()
+    results = aot.compile_all()
+    print(f"Triton kernels (triton {triton.__version__}), compiled ahead of time for "
+          f"{', '.join(a[1] for a in aot.ARCHS)} in {time.perf_counter() - t0:.0f} s; "
+          "smem = dynamic + static shared memory per block, spill = local memory per thread:")
+    print(aot.format_table(results))
+    ext = _ext.load()
+    if ext is not None:
+        rows = sass.inspect_binary(ext.__file__)
+        if rows:
+            print("CUDA kernels in the compiled extension:")
+            for r in rows:
+                tc = ", ".join(f"{op} x{n}" for op, n in sorted(r.tensor_core_ops.items()))
+                print(f"  {r.arch:<7} regs {r.registers:<4} local {r.local:<5} static smem "
+                      f"{r.shared:<6} {tc or '-':<16} {r.kernel}")
+        else:
+            print("CUDA kernels in the compiled extension: none (built without CUDA)")
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} of {len(results)} Triton builds ok")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(kernels_main() if "--kernels" in sys.argv[1:] else main())
+

@@ -88,89 +88,87 @@ _FUNC_SASS_RE = re.compile(r"^\s*Function : (\S+)")
 _INSTR_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
 
 
-def resource_usage(binary: bytes | str) -> dict:
-    """{(arch, kernel): KernelResources} from ``cuobjdump -res-usage`` (cubin or .so).
-    An object without device code gives {}."""
+def _cuobjdump(binary: bytes | str, *flags: str) -> str | None:
+    """cuobjdump's output, or None for an object without device code."""
     path, done = _as_file(binary, ".cubin")
     try:
-        proc = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True,
-                              text=True)
+        proc = subprocess.run([tool("cuobjdump"), *flags, path], capture_output=True, text=True)
     finally:
         done()
     if proc.returncode != 0:
         if "does not contain device code" in proc.stderr + proc.stdout:
-            return {}
-        raise RuntimeError(f"cuobjdump -res-usage failed: {proc.stderr.strip()[:500]}")
-    out: dict = {}
-    arch, current = "unknown", None
-    for line in proc.stdout.splitlines():
-        m = _ARCH_RE.match(line)
-        if m:
-            arch = m.group(1)
-            continue
-        m = _FUNC_RES_RE.match(line)
-        if m:
-            current = KernelResources(arch, m.group(1))
-            out[(arch, current.kernel)] = current
-            continue
-        if current is not None:
-            fields = dict(_FIELD_RE.findall(line))
-            if fields:
-                current.registers = int(fields.get("REG", 0))
-                current.shared = int(fields.get("SHARED", 0))
-                current.local = int(fields.get("LOCAL", 0))
-                current.stack = int(fields.get("STACK", 0))
-                current = None
-    return out
+            return None
+        raise RuntimeError(f"cuobjdump {' '.join(flags)} failed: {proc.stderr.strip()[:500]}")
+    if "does not contain device code" in proc.stderr:
+        return None
+    return proc.stdout
 
 
-def tensor_core_ops(binary: bytes | str) -> dict:
-    """{(arch, kernel): {opcode: count}} of tensor-core instructions in the SASS
-    (``cuobjdump -sass``); kernels without any map to {}."""
-    path, done = _as_file(binary, ".cubin")
-    try:
-        proc = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
-    finally:
-        done()
-    if proc.returncode != 0:
-        if "does not contain device code" in proc.stderr + proc.stdout:
-            return {}
-        raise RuntimeError(f"cuobjdump -sass failed: {proc.stderr.strip()[:500]}")
+def _parse(text: str) -> dict:
+    """{(arch, kernel): KernelResources} from ``cuobjdump -res-usage -sass`` output."""
     out: dict = {}
-    arch, current = "unknown", None
-    for line in proc.stdout.splitlines():
+    arch = "unknown"
+    res_current, sass_current = None, None
+    for line in text.splitlines():
         m = _ARCH_RE.match(line)
         if m:
             arch = m.group(1)
             continue
         m = _FUNC_SASS_RE.match(line)
         if m:
-            current = out.setdefault((arch, m.group(1)), {})
+            key = (arch, m.group(1))
+            sass_current = out.setdefault(key, KernelResources(*key))
+            res_current = None
             continue
-        if current is None:
+        m = _FUNC_RES_RE.match(line)
+        if m:
+            key = (arch, m.group(1))
+            res_current = out.setdefault(key, KernelResources(*key))
+            sass_current = None
             continue
-        m = _INSTR_RE.search(line)
-        if m and m.group(1) in TENSOR_CORE_OPCODES:
-            current[m.group(1)] = current.get(m.group(1), 0) + 1
+        if res_current is not None:
+            fields = dict(_FIELD_RE.findall(line))
+            if fields:
+                res_current.registers = int(fields.get("REG", 0))
+                res_current.shared = int(fields.get("SHARED", 0))
+                res_current.local = int(fields.get("LOCAL", 0))
+                res_current.stack = int(fields.get("STACK", 0))
+                res_current = None
+            continue
+        if sass_current is not None:
+            m = _INSTR_RE.search(line)
+            if m and m.group(1) in TENSOR_CORE_OPCODES:
+                ops = sass_current.tensor_core_ops
+                ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    # a lone cubin's resource section comes before its "code for sm_XX" line: merge the
+    # 'unknown' entries into the kernel of the same name with a known architecture
+    for (a, name), r in list(out.items()):
+        if a != "unknown":
+            continue
+        known = [k for k in out if k[1] == name and k[0] != "unknown"]
+        if len(known) == 1:
+            k = out[known[0]]
+            k.registers, k.shared, k.local, k.stack = r.registers, r.shared, r.local, r.stack
+            del out[(a, name)]
     return out
 
 
+def resource_usage(binary: bytes | str) -> dict:
+    """{(arch, kernel): KernelResources} (registers, shared, local, stack) from
+    ``cuobjdump -res-usage``; {} for an object without device code."""
+    text = _cuobjdump(binary, "-res-usage", "-sass")
+    return {} if text is None else _parse(text)
+
+
+def tensor_core_ops(binary: bytes | str) -> dict:
+    """{(arch, kernel): {opcode: count}} of tensor-core instructions in the SASS."""
+    return {k: r.tensor_core_ops for k, r in resource_usage(binary).items()}
+
+
 def inspect_binary(binary: bytes | str) -> list[KernelResources]:
-    """Resources and tensor-core opcodes of every kernel in a cubin or .so."""
-    res = resource_usage(binary)
-    tc = tensor_core_ops(binary)
-    # a lone cubin's -res-usage names no architecture; -sass does ("code for sm_90a")
-    archs = {name: arch for arch, name in tc}
-    for (arch, name), r in list(res.items()):
-        if arch == "unknown" and name in archs:
-            del res[(arch, name)]
-            r.arch = archs[name]
-            res[(r.arch, name)] = r
-    for key, ops in tc.items():
-        if key not in res:
-            res[key] = KernelResources(*key)
-        res[key].tensor_core_ops = ops
-    return sorted(res.values(), key=lambda r: (r.arch, r.kernel))
+    """Resources and tensor-core opcodes of every kernel in a cubin or .so (one
+    cuobjdump run)."""
+    return sorted(resource_usage(binary).values(), key=lambda r: (r.arch, r.kernel))
 
 
 _PTXAS_RE = re.compile(r"Used (\d+) registers")
