@@ -6,8 +6,12 @@ build of torch are both present; ``SIMVQ_BUILD_CUDA=1`` forces them on (and fail
 that is impossible), ``SIMVQ_BUILD_CUDA=0`` forces them off. ``SIMVQ_CUDA_ARCHS``
 lists the target architectures (default "8.0;9.0a+PTX"). ``SIMVQ_SKIP_EXTENSION=1``
 installs the pure-Python package only (the reference backends still work).
+
+What was decided (CUDA kernels built or not, and why) is written to
+``simvq_kernels/_build_info.json`` for ``python -m simvq_kernels.info``.
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -54,10 +58,31 @@ def _resolve_cuda_home():
     return None
 
 
+BUILD_INFO = {"cuda": False, "cuda_reason": None, "cuda_archs": None, "cuda_home": None}
+
+
+def _write_build_info():
+    path = os.path.join(ROOT, "simvq_kernels", "_build_info.json")
+    try:
+        import torch
+
+        BUILD_INFO["torch"] = torch.__version__
+        BUILD_INFO["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        with open(path, "w") as f:
+            json.dump(BUILD_INFO, f, indent=1, sort_keys=True)
+            f.write("\n")
+    except OSError as e:  # a read-only source tree: the build itself still works
+        _log(f"could not write {path}: {e}")
+
+
 def _want_cuda(cuda_sources):
     flag = os.environ.get("SIMVQ_BUILD_CUDA", "auto").strip().lower()
     if flag in ("0", "false", "off", "no"):
         _log("CUDA sources: off (SIMVQ_BUILD_CUDA=0)")
+        BUILD_INFO["cuda_reason"] = "built with SIMVQ_BUILD_CUDA=0"
         return False, None
     forced = flag in ("1", "true", "on", "yes")
     reasons = []
@@ -74,6 +99,7 @@ def _want_cuda(cuda_sources):
         if forced:
             raise RuntimeError("SIMVQ_BUILD_CUDA=1 but " + "; ".join(reasons))
         _log("CUDA sources: skipped (" + "; ".join(reasons) + ")")
+        BUILD_INFO["cuda_reason"] = "; ".join(reasons)
         return False, None
     return True, cuda_home
 
@@ -81,6 +107,7 @@ def _want_cuda(cuda_sources):
 def _extensions():
     if os.environ.get("SIMVQ_SKIP_EXTENSION", "0") == "1":
         _log("SIMVQ_SKIP_EXTENSION=1: building no extension")
+        BUILD_INFO["cuda_reason"] = "built with SIMVQ_SKIP_EXTENSION=1 (no extension)"
         return [], {}
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda, cuda_home = _want_cuda(cuda_sources)
@@ -101,12 +128,16 @@ def _extensions():
             gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
             if ptx:
                 gencode.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        # the ATen side of the CUDA ops is plain C++ (csrc/cuda/*.cpp): the .cu files
+        # include no torch headers, so nvcc stays quick
+        cuda_sources = cuda_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         _log(f"CUDA sources: building {cuda_sources} with CUDA_HOME={cuda_home} for {archs}")
+        BUILD_INFO.update(cuda=True, cuda_archs=archs, cuda_home=cuda_home)
         ext = CUDAExtension(
             "simvq_kernels._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DSIMVQ_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DSIMVQ_WITH_CUDA"] + gencode},
+                                "nvcc": ["-O3", "-lineinfo", "-DSIMVQ_WITH_CUDA"] + gencode},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -116,9 +147,11 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+_write_build_info()
 
 setup(
     packages=find_packages(include=["simvq_kernels", "simvq_kernels.*"]),
+    package_data={"simvq_kernels": ["_build_info.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

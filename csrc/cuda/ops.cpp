@@ -1,0 +1,246 @@
+// simvq-kernels: the CUDA implementations of the simvq:: ops (ATen side).
+//
+// Argument checks, operand preparation (contiguous rows, zero-padded to the kernels'
+// 64-byte chunk where needed), allocation through PyTorch's caching allocator, the
+// current stream and a device guard; the kernels are in nearest_code.cu and
+// quantize_backward.cu. No host synchronisation anywhere, so the ops can be captured
+// in a CUDA graph.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+
+#include "../simvq.h"
+#include "kernels.h"
+
+namespace simvq {
+namespace {
+
+using cuda::Mma;
+
+// How fp32 products are formed: tf32 unless torch.get_float32_matmul_precision() is
+// "highest", then 3xTF32 (about fp32 accuracy).
+Mma mma_mode(at::ScalarType t, bool allow_tf32) {
+  switch (t) {
+    case at::kBFloat16: return Mma::kBF16;
+    case at::kHalf: return Mma::kFP16;
+    case at::kFloat: return allow_tf32 ? Mma::kTF32 : Mma::kTF32x3;
+    default:
+      SIMVQ_CHECK(false, "the CUDA kernels support bfloat16, float16 and float32 inputs, got ",
+                  t, "; use backend='cpu' or 'reference' for float64");
+  }
+  return Mma::kTF32x3;
+}
+
+bool fp32_allows_tf32() {
+  return at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+
+// Rows of x with a row length that is a multiple of the 64-byte chunk, zero-padded,
+// contiguous and 16-byte aligned; returns x itself when it already is.
+at::Tensor chunk_rows(const at::Tensor& x) {
+  const int64_t per_chunk = cuda::kChunkBytes / int64_t(x.element_size());
+  const int64_t w = x.size(1);
+  const int64_t ld = std::max<int64_t>(per_chunk, (w + per_chunk - 1) / per_chunk * per_chunk);
+  if (ld == w && x.is_contiguous() &&
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) {
+    return x;
+  }
+  at::Tensor out = at::zeros({x.size(0), ld}, x.options());
+  out.narrow(1, 0, w).copy_(x);
+  return out;
+}
+
+void check_cuda(const at::Tensor& x, const char* name) {
+  SIMVQ_CHECK(x.is_cuda(), "the CUDA kernel got `", name, "` on ", x.device());
+}
+
+void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
+  SIMVQ_CHECK_DIM(z, 2);
+  SIMVQ_CHECK_DIM(codebook, 2);
+  SIMVQ_CHECK_FLOAT(z);
+  SIMVQ_CHECK_SAME_DTYPE(z, codebook);
+  SIMVQ_CHECK_SAME_DEVICE(z, codebook);
+  check_cuda(z, "z");
+  SIMVQ_CHECK(z.size(1) == codebook.size(1), "width mismatch: `z` has d=", z.size(1),
+              " but `codebook` has d=", codebook.size(1));
+  SIMVQ_CHECK(codebook.size(0) >= 1, "`codebook` is empty (K=0); it needs at least one code");
+  SIMVQ_CHECK(codebook.size(0) < int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
+              "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 129 are supported");
+}
+
+// The search on a codebook already in z's dtype (checked, on z's device).
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tensor& cb_in) {
+  const Mma mode = mma_mode(z_in.scalar_type(), fp32_allows_tf32());
+  const int64_t N = z_in.size(0), K = cb_in.size(0), d = z_in.size(1);
+  at::Tensor idx = at::empty({N}, z_in.options().dtype(at::kLong));
+  at::Tensor dist = at::empty({N}, z_in.options().dtype(at::kFloat));
+  if (N == 0) return {idx, dist};
+  if (d == 0) {  // every code is at distance 0: the lowest index wins
+    idx.zero_();
+    dist.zero_();
+    return {idx, dist};
+  }
+  // (a codebook that is already padded, as quantize's projection writes it, is used as is)
+  const at::Tensor z = chunk_rows(z_in);
+  const at::Tensor cb = chunk_rows(cb_in);
+  const int64_t ld = z.size(1);
+  TORCH_INTERNAL_ASSERT(cb.size(1) == ld);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  at::Tensor qn = at::empty({K}, z.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_code_norms(mode, cb.data_ptr(), K, ld, qn.data_ptr<float>(),
+                                         stream));
+  // Split the codes over blocks when the token tiles alone do not fill the GPU (two
+  // blocks per SM). The result does not depend on the split.
+  const int64_t tiles_m = (N + cuda::kTileM - 1) / cuda::kTileM;
+  const int64_t tiles_k = (K + cuda::kTileN - 1) / cuda::kTileN;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  const int64_t target = 2 * int64_t(sms);
+  int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t codes_per_split = (tiles_k + splits - 1) / splits * cuda::kTileN;
+  splits = (K + codes_per_split - 1) / codes_per_split;
+
+  at::Tensor part_val = at::empty({splits, N}, z.options().dtype(at::kFloat));
+  at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cuda::launch_search(mode, z.data_ptr(), cb.data_ptr(), qn.data_ptr<float>(), N,
+                                     K, ld, int(splits), codes_per_split,
+                                     part_val.data_ptr<float>(), part_idx.data_ptr<int32_t>(),
+                                     stream));
+  C10_CUDA_CHECK(cuda::launch_search_finalize(mode, z.data_ptr(), N, d, ld, int(splits),
+                                              part_val.data_ptr<float>(),
+                                              part_idx.data_ptr<int32_t>(),
+                                              idx.data_ptr<int64_t>(), dist.data_ptr<float>(),
+                                              stream));
+  return {idx, dist};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z,
+                                                     const at::Tensor& codebook) {
+  check_nearest_code_args(z, codebook);
+  const c10::cuda::CUDAGuard guard(z.device());
+  return search(z, codebook);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
+    const at::Tensor& z, const at::Tensor& basis, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias) {
+  SIMVQ_CHECK_DIM(z, 2);
+  SIMVQ_CHECK_DIM(basis, 2);
+  SIMVQ_CHECK_DIM(weight, 2);
+  SIMVQ_CHECK_FLOAT(z);
+  SIMVQ_CHECK_SAME_DTYPE(z, basis);
+  SIMVQ_CHECK_SAME_DTYPE(z, weight);
+  SIMVQ_CHECK_SAME_DEVICE(z, basis);
+  SIMVQ_CHECK_SAME_DEVICE(z, weight);
+  check_cuda(z, "z");
+  SIMVQ_CHECK(weight.size(0) == z.size(1), "`weight` must be (d, r) with d=", z.size(1),
+              " (the width of `z`), got shape ", weight.sizes());
+  SIMVQ_CHECK(weight.size(1) == basis.size(1), "`weight` must be (d, r) with r=",
+              basis.size(1), " (the width of `basis`), got shape ", weight.sizes());
+  SIMVQ_CHECK(basis.size(0) >= 1, "`basis` is empty (K=0); it needs at least one code");
+  SIMVQ_CHECK(basis.size(0) < int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
+              "`basis` has K=", basis.size(0), " codes; at most 2^31 - 129 are supported");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    SIMVQ_CHECK_DIM(b, 1);
+    SIMVQ_CHECK_SAME_DTYPE(z, b);
+    SIMVQ_CHECK_SAME_DEVICE(z, b);
+    SIMVQ_CHECK(b.size(0) == z.size(1), "`bias` must have d=", z.size(1), " elements, got ",
+                b.size(0));
+  }
+  const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32());  // rejects float64
+  const c10::cuda::CUDAGuard guard(z.device());
+  // The implicit codebook Q = B W^T + b (K x d, never N x K), formed by our own
+  // tensor-core kernel (position-independent rounding: identical basis rows give
+  // identical codes) with fp32 accumulation and rounded once to z's dtype; the search
+  // multiplies exactly these values and zq is gathered from them.
+  const int64_t K = basis.size(0), d = z.size(1);
+  const at::Tensor B = chunk_rows(basis);
+  const at::Tensor W = chunk_rows(weight);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t per_chunk = cuda::kChunkBytes / int64_t(z.element_size());
+  const int64_t ldq = std::max<int64_t>(per_chunk, (d + per_chunk - 1) / per_chunk * per_chunk);
+  at::Tensor q = at::empty({K, ldq}, z.options());
+  C10_CUDA_CHECK(cuda::launch_project(mode, B.data_ptr(), W.data_ptr(), K, d, B.size(1),
+                                      b.defined() ? b.data_ptr() : nullptr, q.data_ptr(), ldq,
+                                      c10::cuda::getCurrentCUDAStream().stream()));
+  auto [idx, dist] = search(z, q);
+  q = q.narrow(1, 0, d);
+  at::Tensor zq = q.index_select(0, idx);
+  return {zq, idx, dist};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad_zq,
+                                                          const at::Tensor& basis,
+                                                          const at::Tensor& indices,
+                                                          const at::Tensor& weight) {
+  SIMVQ_CHECK_DIM(grad_zq, 2);
+  SIMVQ_CHECK_DIM(basis, 2);
+  SIMVQ_CHECK_DIM(indices, 1);
+  SIMVQ_CHECK_DIM(weight, 2);
+  SIMVQ_CHECK_FLOAT(grad_zq);
+  SIMVQ_CHECK_FLOAT(basis);
+  SIMVQ_CHECK_FLOAT(weight);
+  SIMVQ_CHECK(indices.scalar_type() == at::kLong, "`indices` must be int64, got ",
+              indices.scalar_type());
+  SIMVQ_CHECK(indices.size(0) == grad_zq.size(0), "`indices` has ", indices.size(0),
+              " entries but `grad_zq` has ", grad_zq.size(0), " rows");
+  SIMVQ_CHECK(weight.size(0) == grad_zq.size(1) && weight.size(1) == basis.size(1),
+              "`weight` must be (d, r) = (", grad_zq.size(1), ", ", basis.size(1), "), got ",
+              weight.sizes());
+  SIMVQ_CHECK_SAME_DEVICE(grad_zq, weight);
+  SIMVQ_CHECK_SAME_DEVICE(basis, weight);
+  SIMVQ_CHECK_SAME_DEVICE(indices, weight);
+  check_cuda(weight, "weight");
+  const at::ScalarType wt = weight.scalar_type();
+  // fp32 gradients always use 3xTF32 (about fp32 accuracy), like the 'triton' backend.
+  const Mma mode = mma_mode(wt, false);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor g = grad_zq.to(wt).contiguous();
+  const at::Tensor B = basis.to(wt).contiguous();
+  const at::Tensor ix = indices.contiguous();
+  const int64_t N = g.size(0), d = g.size(1), r = B.size(1), K = B.size(0);
+  at::Tensor dW = at::empty({d, r}, weight.options());
+  at::Tensor db = at::empty({d}, weight.options());
+  if (N == 0 || d == 0) {
+    dW.zero_();
+    db.zero_();
+    return {dW, db};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Tokens are split over blocks so that about 256 blocks run; a function of the shape
+  // only (the partials are added in split order), and at most 256 MiB of partials.
+  const int64_t tok = cuda::kChunkBytes / int64_t(g.element_size()) * 8;  // >= 8 chunks
+  const int64_t tiles = ((d + cuda::kTileM - 1) / cuda::kTileM) *
+                        ((r + 1 + cuda::kTileN - 1) / cuda::kTileN);
+  int64_t splits = std::max<int64_t>(1, (256 + tiles - 1) / tiles);
+  splits = std::min<int64_t>(splits, (N + tok - 1) / tok);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (int64_t(1) << 26) / (d * (r + 1))));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
+  const int64_t per = (N + splits - 1) / splits;
+  splits = (N + per - 1) / per;
+  at::Tensor part = at::empty({splits, d, r + 1}, g.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_backward_partials(mode, g.data_ptr(), d, B.data_ptr(), r,
+                                                ix.data_ptr<int64_t>(), N, K, d, r, int(splits),
+                                                per, part.data_ptr<float>(), stream));
+  const int out_dtype = wt == at::kFloat ? 0 : (wt == at::kBFloat16 ? 1 : 2);
+  C10_CUDA_CHECK(cuda::launch_backward_finalize(part.data_ptr<float>(), int(splits), d, r,
+                                                out_dtype, dW.data_ptr(), db.data_ptr(),
+                                                stream));
+  return {dW, db};
+}
+
+}  // namespace simvq
+
+TORCH_LIBRARY_IMPL(simvq, CUDA, m) {
+  m.impl("nearest_code", &simvq::nearest_code_cuda);
+  m.impl("quantize", &simvq::quantize_cuda);
+  m.impl("quantize_backward", &simvq::quantize_backward_cuda);
+}
