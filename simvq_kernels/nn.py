@@ -21,17 +21,30 @@ accumulate in fp32 and the loss is computed in fp32).
 torch.compile: the forward of ``SimVQ`` and ``ResidualSimVQ`` compiles with
 ``fullgraph=True`` (no graph break; see ``ops`` for how the backend choice and the
 finite check are traced). The constructor loads the compiled extension, so that its ops
-and their fake kernels exist before tracing.
+and their fake kernels exist before tracing. Inside a compiled region the serving
+cache (below) is not used: the codebook is projected in the graph at every call.
+
+Serving (``encode`` / ``decode`` and the forward under ``torch.no_grad()`` /
+``torch.inference_mode()``). The implicit codebook Q = transform(basis) costs K*r*d
+flops, as much as the search itself for a few hundred tokens, so the layer keeps Q (and
+the basis' duplicate map) from one call to the next and recomputes them only when
+something they depend on changed: a parameter or buffer of the layer (or of its
+codebook transform) was modified in place (an optimizer step, ``load_state_dict``,
+``copy_`` -- version counters), replaced (``.data =``, ``.to()``: storage pointer,
+device, dtype), or written through ``.data`` (the parameters are compared with a
+snapshot on each call; that is O(d*r), a host sync on a GPU). Training forwards with
+gradients run the fused projection + search and never read the cache.
 """
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ext, ops, reference
+from . import _ext, backends, ops, reference
 
 # Keys of foreign layouts that load into SimVQ (see design notes §2).
 _OFFICIAL_KEYS = {"embedding.weight": "basis", "embedding_proj.weight": "weight",
@@ -39,6 +52,7 @@ _OFFICIAL_KEYS = {"embedding.weight": "basis", "embedding_proj.weight": "weight"
 _VQ_PYTORCH_KEYS = {"frozen_codebook": "basis", "code_transform.weight": "weight",
                     "code_transform.bias": "bias"}
 _LAYOUTS = {"official": _OFFICIAL_KEYS, "vector_quantize_pytorch": _VQ_PYTORCH_KEYS}
+_USAGE_KEY = "usage_counts"  # the usage counts' state-dict entry (see SimVQ)
 
 _EPS_ROT = 1e-6  # vector-quantize-pytorch's safe_div / l2norm epsilon
 
@@ -159,32 +173,105 @@ def _masked_loss(flat, zq, m, beta, legacy):
     return (commit + beta * code) if legacy else (beta * commit + code)
 
 
+
+
+def _positive_int(name, v, allow_none=False):
+    if v is None and allow_none:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}"
+                         f", got {v!r}")
+
+
+class _LinearView:
+    """(weight, bias) seen as the ``nn.Linear`` that other implementations hold
+    (vector-quantize-pytorch's ``code_transform``, the official ``embedding_proj``):
+    ``.weight``, ``.bias``, ``in_features``, ``out_features`` and a call. Not a module
+    (it owns nothing; the parameters are the layer's)."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_features(self):
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self):
+        return self.weight.shape[0]
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def __repr__(self):
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None})")
+
+
+class _TensorView:
+    """A tensor seen as a module's ``.weight`` (the official ``embedding``)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+def _tensor_state(t):
+    """What identifies a tensor's current contents without reading them: storage
+    pointer, version counter (bumped by every in-place op, .data writes excepted),
+    device, dtype, shape and strides. None for inference tensors (no version counter)."""
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape), t.stride())
+
+
 class SimVQ(nn.Module):
     """SimVQ vector quantiser (arXiv 2411.02038) with a fused search and backward.
 
     The codebook is implicit: Q = basis @ weight.T + bias, with ``basis`` (K, r) a frozen
     random buffer drawn from N(0, r^-1/2) and ``weight`` (d, r), ``bias`` (d,) trained
-    (initialised like ``nn.Linear(r, d)``, as in the official code).
+    (initialised like ``nn.Linear(r, d)``, as in the official code). Any per-row
+    ``codebook_transform`` may replace the linear projection (below).
 
     Args:
         dim: token width d.
         codebook_size: K.
         basis_dim: r (default d, as in the official code); any r >= 1 works.
         bias: learn a bias in the projection (the official layer has one).
-        beta: commitment weight (0.25).
+        beta: commitment weight (0.25): the weight of mean((sg(zq) - z)^2).
         legacy: swap the two loss weights as taming-transformers' legacy loss does
             (the official SimVQ configs use legacy=False).
         channel_first: inputs are (B, dim, *spatial) instead of (..., dim).
-        backend: "auto" or a name from :func:`simvq_kernels.available_backends`.
+        backend: "auto" or a name from :func:`simvq_kernels.available_backends`
+            (checked here: an unknown name raises ``ValueError``).
+
+    Keyword-only:
         rotation_trick: pass gradients to ``z`` with the rotation trick (Fifty et al.
-            2024) instead of the straight-through estimator (keyword only).
+            2024) instead of the straight-through estimator (default False, the paper's
+            estimator; vector-quantize-pytorch defaults to True).
         track_usage: count how often each code is picked (real tokens only), for
-            :meth:`codebook_usage`; synchronised across ranks on query (keyword only).
+            :meth:`codebook_usage`; synchronised across ranks on query. The counts are
+            saved in the state dict (``usage_counts``, this process's counts), so a
+            resumed run continues them; checkpoints without them load as well.
+        codebook_transform: a module mapping basis rows (..., r) to codes (..., dim) row
+            by row (e.g. ``nn.Sequential(nn.Linear(r, h), nn.SiLU(), nn.Linear(h,
+            dim))``). A plain ``nn.Linear`` *is* the projection: its parameters become
+            ``weight``/``bias`` (its own bias setting wins over ``bias``) and the fused
+            backward is kept. Any other module: the search runs over Q =
+            transform(basis) computed without gradient, and the picked codes are
+            recomputed with gradient, zq = transform(basis[idx]) (the gradient a full
+            ``transform(basis)[idx]`` would give, without its K-row backward). Its
+            parameters live under ``code_transform.*`` (vector-quantize-pytorch's keys).
+        init_fn: applied once to the freshly drawn basis, (K, r) -> (K, r).
+        input_to_quantize_commit_loss_weight: vector-quantize-pytorch's name for
+            ``beta``.
+        commitment_weight: multiplies the returned loss (1.0).
+        frozen_codebook_dim: vector-quantize-pytorch's name for ``basis_dim``.
 
     Forward: ``out, indices, loss = layer(z, mask=None, return_distances=False)``, where
     ``out`` has z's shape and dtype (straight-through: out = z + sg(zq - z), or the
-    rotation trick), ``indices`` is int64 with z's shape minus the channel dim, and
-    ``loss = beta * mean((sg(zq) - z)^2) + mean((zq - sg(z))^2)`` (fp32 for bf16/fp16).
+    rotation trick; contiguous, also for channel_first), ``indices`` is int64 with z's
+    shape minus the channel dim, and ``loss = commitment_weight * (beta * mean((sg(zq)
+    - z)^2) + mean((zq - sg(z))^2))`` (fp32 for bf16/fp16).
 
     ``mask`` (bool, the indices' shape, True = real token) marks padding: padded tokens
     pick no code (index -1, distance 0), pass through unchanged (out = z there, with an
@@ -192,22 +279,53 @@ class SimVQ(nn.Module):
     they may hold any value, even NaN. ``return_distances=True`` appends the squared L2
     distance of each picked code, fp32 (fp64 for fp64 input), the indices' shape.
 
-    ``layer.last_backend`` names the backend that served the last forward.
+    Serving: ``encode(z)`` -> indices and ``decode(indices)`` -> codes, in the layouts
+    of ``forward``; both run without gradient over a cached codebook (see the module
+    docstring). ``decode`` (= ``indices_to_codes``) maps index -1 (padding) to zeros.
+
+    ``layer.last_backend`` names the backend that served the last forward or encode.
     """
 
     def __init__(self, dim: int, codebook_size: int, basis_dim: int | None = None,
                  bias: bool = True, beta: float = 0.25, legacy: bool = False,
                  channel_first: bool = False, backend: str = "auto", *,
-                 rotation_trick: bool = False, track_usage: bool = False):
+                 rotation_trick: bool = False, track_usage: bool = False,
+                 codebook_transform: nn.Module | None = None, init_fn=None,
+                 input_to_quantize_commit_loss_weight: float | None = None,
+                 commitment_weight: float = 1.0, frozen_codebook_dim: int | None = None):
         super().__init__()
-        for name, v in (("dim", dim), ("codebook_size", codebook_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        if basis_dim is not None and (not isinstance(basis_dim, int) or
-                                      isinstance(basis_dim, bool) or basis_dim < 1):
-            raise ValueError(f"`basis_dim` must be a positive int or None, got {basis_dim!r}")
-        if not isinstance(backend, str):
-            raise TypeError(f"`backend` must be a string, got {type(backend).__name__}")
+        _positive_int("dim", dim)
+        _positive_int("codebook_size", codebook_size)
+        if isinstance(basis_dim, nn.Module):
+            raise TypeError("`basis_dim` (the third positional argument) must be an int; "
+                            "pass a module as codebook_transform=...")
+        _positive_int("basis_dim", basis_dim, allow_none=True)
+        _positive_int("frozen_codebook_dim", frozen_codebook_dim, allow_none=True)
+        if basis_dim is not None and frozen_codebook_dim is not None and \
+                basis_dim != frozen_codebook_dim:
+            raise ValueError(f"`basis_dim`={basis_dim} and `frozen_codebook_dim`="
+                             f"{frozen_codebook_dim} name the same thing; give one")
+        basis_dim = basis_dim or frozen_codebook_dim
+        if input_to_quantize_commit_loss_weight is not None:
+            if beta != 0.25 and float(beta) != float(input_to_quantize_commit_loss_weight):
+                raise ValueError("`beta` and `input_to_quantize_commit_loss_weight` name "
+                                 "the same weight; give one")
+            beta = input_to_quantize_commit_loss_weight
+        backends.check_name(backend)
+        if codebook_transform is not None and not isinstance(codebook_transform, nn.Module):
+            raise TypeError("`codebook_transform` must be an nn.Module, got "
+                            f"{type(codebook_transform).__name__}")
+        if init_fn is not None and not callable(init_fn):
+            raise TypeError(f"`init_fn` must be callable, got {type(init_fn).__name__}")
+        linear = codebook_transform if type(codebook_transform) is nn.Linear else None
+        if linear is not None:
+            if linear.out_features != dim:
+                raise ValueError(f"`codebook_transform` maps to {linear.out_features} "
+                                 f"features but `dim` is {dim}")
+            if basis_dim is not None and basis_dim != linear.in_features:
+                raise ValueError(f"`codebook_transform` takes {linear.in_features} "
+                                 f"features but the basis dim is {basis_dim}")
+            basis_dim = linear.in_features
         self.dim = dim
         self.codebook_size = codebook_size
         self.basis_dim = basis_dim or dim
@@ -217,16 +335,29 @@ class SimVQ(nn.Module):
         self.backend = backend
         self.rotation_trick = bool(rotation_trick)
         self.track_usage = bool(track_usage)
+        self.commitment_weight = float(commitment_weight)
         self.last_backend: str | None = None
         r = self.basis_dim
         self._init_basis(codebook_size, r)
-        self.weight = nn.Parameter(torch.empty(dim, r))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-        self.reset_parameters()
+        if init_fn is not None:
+            self._apply_init_fn(init_fn)
+        if linear is not None:
+            self.weight, self.bias = linear.weight, linear.bias  # adopted, not re-drawn
+        elif codebook_transform is not None:
+            self.weight, self.bias = None, None
+            self.code_transform = codebook_transform  # registered as a submodule
+            self._check_transform()
+        else:
+            self.weight = nn.Parameter(torch.empty(dim, r))
+            self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+            self.reset_parameters()
         # A plain tensor, not a buffer: DDP's per-step buffer broadcast would overwrite
-        # every rank's counts with rank 0's. Moved with the module by _apply.
+        # every rank's counts with rank 0's. Moved with the module by _apply, saved and
+        # loaded as ``usage_counts`` by the state-dict hooks below.
         self._usage_counts = (torch.zeros(codebook_size, dtype=torch.long)
                               if self.track_usage else None)
+        self._codebook_cache = None  # (key, parameter snapshots, Q)
+        self._dup_cache = {}  # basis dtype -> (key, duplicate map)
         # Load the compiled ops (and register their fake kernels / autograd) now, outside
         # any torch.compile trace.
         _ext.load()
@@ -234,18 +365,48 @@ class SimVQ(nn.Module):
     def _init_basis(self, codebook_size, r):
         self.register_buffer("basis", torch.randn(codebook_size, r) * r**-0.5)
 
+    def _apply_init_fn(self, init_fn):
+        with torch.no_grad():
+            new = init_fn(self.basis.clone())
+        if not isinstance(new, torch.Tensor) or new.shape != self.basis.shape:
+            raise ValueError(f"`init_fn` must return a tensor of shape "
+                             f"{tuple(self.basis.shape)}, got "
+                             f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
+        self.basis = new.to(self.basis.dtype).detach()
+
+    def _check_transform(self):
+        probe = self.basis[:2]
+        with torch.no_grad():
+            out = self.code_transform(probe)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (probe.shape[0], self.dim):
+            raise ValueError(
+                f"`codebook_transform` must map basis rows ({probe.shape[0]}, "
+                f"{self.basis_dim}) to codes ({probe.shape[0]}, {self.dim}) row by row, got "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+
     def reset_parameters(self):
         """nn.Linear's initialisation (the official projection is an nn.Linear)."""
+        if self.weight is None:
+            return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.basis_dim)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @property
+    def _linear(self) -> bool:
+        """True when the codebook is the linear projection (the fused path)."""
+        return "code_transform" not in self._modules
+
     def extra_repr(self):
         s = (f"dim={self.dim}, codebook_size={self.codebook_size}, "
-             f"basis_dim={self.basis_dim}, bias={self.bias is not None}, beta={self.beta}, "
-             f"legacy={self.legacy}, channel_first={self.channel_first}, "
-             f"backend={self.backend!r}")
+             f"basis_dim={self.basis_dim}, ")
+        if self._linear:
+            s += f"bias={self.bias is not None}, "
+        s += (f"beta={self.beta}, legacy={self.legacy}, channel_first={self.channel_first}, "
+              f"backend={self.backend!r}")
+        if self.commitment_weight != 1.0:
+            s += f", commitment_weight={self.commitment_weight}"
         if self.rotation_trick:
             s += ", rotation_trick=True"
         if self.track_usage:
@@ -256,64 +417,218 @@ class SimVQ(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if self._usage_counts is not None:
             self._usage_counts = fn(self._usage_counts)
+        self.clear_codebook_cache()
         return out
 
+    # ----------------------------------------- vector-quantize-pytorch's names
+    @property
+    def input_to_quantize_commit_loss_weight(self) -> float:
+        return self.beta
+
+    @property
+    def frozen_codebook(self) -> torch.Tensor:
+        """vector-quantize-pytorch's name for ``basis``."""
+        return self._full_basis()
+
+    @property
+    def code_transform(self):
+        """The codebook transform (vector-quantize-pytorch's name): the module given as
+        ``codebook_transform``, or for the linear projection a view of
+        (``weight``, ``bias``) as an ``nn.Linear``."""
+        m = self._modules.get("code_transform")
+        return m if m is not None else _LinearView(self.weight, self.bias)
+
     # ------------------------------------------------------------------ codebook
+    def _transform_tensors(self):
+        """The trainable tensors the codebook depends on (besides the basis)."""
+        if self._linear:
+            return [t for t in (self.weight, self.bias) if t is not None]
+        return list(self.code_transform.parameters())
+
+    def _transform_buffers(self):
+        return [] if self._linear else list(self.code_transform.buffers())
+
+    def _project_rows(self, rows):
+        """Codes of basis rows (n, r) -> (n, dim), differentiable."""
+        if self._linear:
+            return F.linear(rows, self.weight, self.bias)
+        return self.code_transform(rows)
+
     @property
     def codebook(self) -> torch.Tensor:
-        """The projected codebook Q = basis @ weight.T + bias, (K, dim)."""
-        return reference.project_codebook(self.basis, self.weight, self.bias)
+        """The projected codebook Q = transform(basis), (K, dim) (with gradient)."""
+        if self._linear:
+            return reference.project_codebook(self.basis, self.weight, self.bias)
+        return self.code_transform(self.basis)
 
-    def _check_indices(self, indices):
+    def clear_codebook_cache(self):
+        """Drop the cached codebook and duplicate map (they are rebuilt when needed)."""
+        self._codebook_cache = None
+        self._dup_cache = {}
+
+    def _search_dtype(self, zs):
+        """The dtype the search runs in for tokens ``zs`` (autocast's, or zs's)."""
+        return autocast_compute_dtype(zs) or zs.dtype
+
+    def _projected(self, sdt):
+        """Q in the search dtype ``sdt``, without gradient, the way the fused op forms it:
+        parameters rounded to ``sdt``, projected in fp32 (fp64 for fp64)."""
+        pdt = reference.compute_dtype(sdt)
+        with torch.no_grad(), torch.autocast(self.basis.device.type, enabled=False):
+            if self._linear:
+                b = None if self.bias is None else self.bias.to(sdt).to(pdt)
+                q = reference.project_codebook(self.basis.to(sdt).to(pdt),
+                                               self.weight.to(sdt).to(pdt), b)
+            else:
+                q = self.code_transform(self.basis)
+        return q.to(sdt)
+
+    def _cache_key(self, sdt):
+        tensors = [self.basis] + self._transform_tensors() + self._transform_buffers()
+        states = [_tensor_state(t) for t in tensors]
+        if any(s is None for s in states):
+            return None  # inference tensors: no version counters, nothing is cached
+        return (sdt, torch.is_inference_mode_enabled(), tuple(states))
+
+    def _cached_codebook(self, sdt):
+        """Q in the search dtype, from the cache when nothing it depends on changed."""
+        if torch.compiler.is_compiling():
+            return self._projected(sdt)
+        key = self._cache_key(sdt)
+        if key is None:
+            return self._projected(sdt)
+        params = self._transform_tensors()
+        c = self._codebook_cache
+        if c is not None and c[0] == key and all(
+                torch.equal(p, s) for p, s in zip(params, c[1])):
+            return c[2]
+        q = self._projected(sdt)
+        with torch.no_grad():
+            snaps = [p.detach().clone() for p in params]
+        self._codebook_cache = (key, snaps, q)
+        return q
+
+    def _duplicate_map(self, basis):
+        """For each row of ``basis`` (the layer's basis, possibly cast to the search
+        dtype), the lowest index of an identical row; cached like the codebook."""
+        if torch.compiler.is_compiling():
+            return None  # the op computes it in the graph
+        key = _tensor_state(self.basis)
+        if key is None:
+            return ops.basis_duplicate_map(basis)
+        hit = self._dup_cache.get(basis.dtype)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        m = ops.basis_duplicate_map(basis)
+        self._dup_cache[basis.dtype] = (key, m)
+        return m
+
+    def _check_indices(self, indices, allow_padding=True):
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or \
                 indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError("`indices` must be an integer tensor")
-        if indices.numel() and (int(indices.min()) < 0 or
+        lo = -1 if allow_padding else 0
+        if indices.numel() and (int(indices.min()) < lo or
                                 int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"`indices` must lie in [0, {self.codebook_size})")
+            raise ValueError(f"`indices` must lie in [0, {self.codebook_size})"
+                             + (" (or be -1 for padding)" if allow_padding else ""))
 
     def _decode_rows(self, flat_idx):
         rows = self.basis.index_select(0, flat_idx.long().to(self.basis.device))
-        return F.linear(rows, self.weight, self.bias)
+        return self._project_rows(rows)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Decode indices to codes *with* the projection applied (the official
         ``get_codebook_entry`` returns unprojected basis rows).
 
-        indices (...) int -> codes (..., dim), or (B, dim, ...) if channel_first.
-        Only the picked basis rows are projected; no K x dim codebook is built.
+        indices (...) int -> codes (..., dim), or (B, dim, ...) if channel_first
+        (contiguous). Index -1 (what ``forward`` and ``encode`` return for padded
+        tokens) decodes to a zero vector. Only the picked basis rows are projected; no
+        K x dim codebook is built. Differentiable w.r.t. the projection's parameters.
         """
         self._check_indices(indices)
-        codes = self._decode_rows(indices.reshape(-1)).reshape(*indices.shape, self.dim)
+        if self.channel_first and indices.dim() < 1:
+            raise ValueError("channel_first decoding needs indices of shape (B, ...)")
+        flat = indices.reshape(-1).long()
+        pad = flat < 0
+        codes = self._decode_rows(flat.clamp_min(0))
+        codes = torch.where(pad[:, None], codes.new_zeros(()), codes)
+        codes = codes.reshape(*indices.shape, self.dim)
         if self.channel_first:
-            if indices.dim() < 1:
-                raise ValueError("channel_first decoding needs indices of shape (B, ...)")
-            codes = codes.movedim(-1, 1)
+            codes = codes.movedim(-1, 1).contiguous()
         return codes
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes of ``indices`` in ``forward``'s output layout (see
+        :meth:`indices_to_codes`), computed without gradient."""
+        with torch.no_grad():
+            return self.indices_to_codes(indices)
 
     # ------------------------------------------------------------------- forward
     def _channel_last(self, z):
         return _channel_last(z, self.dim, self.channel_first)
 
+    def _use_cache(self) -> bool:
+        """Serve from the cached codebook: no gradient is wanted from the codebook."""
+        if torch.compiler.is_compiling():
+            return False
+        return not torch.is_grad_enabled() or not any(
+            p.requires_grad for p in self._transform_tensors())
+
+    def _nearest_cached(self, zs):
+        """(indices, distances, backend) of the detached tokens over the cached codebook
+        (or, inside torch.compile, one projected in the graph)."""
+        sdt = self._search_dtype(zs)
+        q = self._cached_codebook(sdt)
+        dev = zs.device.type
+        with torch.autocast(dev, enabled=False):
+            res = ops.nearest_code_ex(zs.to(sdt), q, backend=self.backend)
+        idx = res.indices
+        dup = self._duplicate_map(self.basis.to(sdt))
+        if dup is None:
+            dup = ops.basis_duplicate_map(self.basis.to(sdt))
+        if idx.numel():
+            idx = dup[idx]
+        return idx, res.distances, res.backend
+
     def _search(self, zs):
         """Nearest codes of the detached tokens ``zs`` (N, d).
 
-        Returns (zq, indices, distances, backend): ``zq`` differentiable w.r.t. weight
-        and bias (in zs's dtype without autocast, in the parameters' dtype under
-        autocast; see the module docstring).
+        Returns (zq, indices, distances, backend): ``zq`` differentiable w.r.t. the
+        projection's parameters (in zs's dtype without autocast, in the parameters'
+        dtype under autocast; see the module docstring).
         """
+        self._check_dtype(zs)
         cdt = autocast_compute_dtype(zs)
+        if not self._linear or self._use_cache():
+            idx, dist, backend = self._nearest_cached(zs)
+            with torch.autocast(zs.device.type, enabled=False):
+                zq = self._project_rows(self.basis.index_select(0, idx))
+            if cdt is None:
+                zq = zq.to(zs.dtype)
+            return zq, idx, dist, backend
         if cdt is None:
-            q = ops.quantize(zs, self.basis, self.weight, self.bias, backend=self.backend)
+            q = ops.quantize(zs, self.basis, self.weight, self.bias, backend=self.backend,
+                             duplicate_map=self._duplicate_map(self.basis))
             return q.zq, q.indices, q.distances, q.backend
         dev = zs.device.type
         with torch.autocast(dev, enabled=False):
             b = None if self.bias is None else self.bias.detach().to(cdt)
-            q = ops.quantize(zs.to(cdt), self.basis.to(cdt), self.weight.detach().to(cdt), b,
-                             backend=self.backend)
+            basis = self.basis.to(cdt)
+            q = ops.quantize(zs.to(cdt), basis, self.weight.detach().to(cdt), b,
+                             backend=self.backend, duplicate_map=self._duplicate_map(basis))
             rows = self.basis.index_select(0, q.indices)
             zq = F.linear(rows, self.weight, self.bias)
         return zq, q.indices, q.distances, q.backend
+
+    def _check_dtype(self, zs):
+        """Without autocast every tensor of a call shares one dtype (the ops would name
+        the basis; the user passed only z)."""
+        if autocast_compute_dtype(zs) is None and zs.dtype != self.basis.dtype and \
+                zs.is_floating_point():
+            raise TypeError(f"`z` has dtype {zs.dtype} but the layer's parameters have "
+                            f"dtype {self.basis.dtype}; convert one of them (e.g. "
+                            f"layer.to({zs.dtype})) or run under torch.autocast")
 
     def _estimator(self, flat, zq):
         """out for the tokens: value zq (in flat's dtype), gradient to flat."""
@@ -331,6 +646,11 @@ class SimVQ(nn.Module):
         w = torch.ones_like(idx) if m is None else m.to(idx.dtype)
         self._usage_counts.index_add_(0, idx, w)
 
+    def _loss(self, flat_s, zq, m):
+        # always multiplied (exact for 1.0): comparing the float would make torch.compile
+        # with dynamic=True specialise it and restart the trace
+        return _masked_loss(flat_s, zq, m, self.beta, self.legacy) * self.commitment_weight
+
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, *,
                 return_distances: bool = False):
         x = self._channel_last(z)
@@ -342,7 +662,7 @@ class SimVQ(nn.Module):
         flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
         zq, idx, dist, backend = self._search(flat_s.detach())
         self.last_backend = backend
-        loss = _masked_loss(flat_s, zq, m, self.beta, self.legacy)
+        loss = self._loss(flat_s, zq, m)
         out = self._estimator(flat_s, zq)
         self._count(idx, m)
         if m is not None:
@@ -351,17 +671,47 @@ class SimVQ(nn.Module):
             dist = torch.where(m, dist, dist.new_zeros(()))
         out = out.reshape(*lead, self.dim)
         if self.channel_first:
-            out = out.movedim(-1, 1)
+            out = out.movedim(-1, 1).contiguous()
         indices = idx.reshape(lead)
         if return_distances:
             return out, indices, loss, dist.reshape(lead)
         return out, indices, loss
 
+    def _encode_flat(self, flat):
+        """Indices of the tokens (N, d), no gradient, no side effects but the backend
+        name."""
+        self._check_dtype(flat)
+        idx, _, backend = self._nearest_cached(flat)
+        self.last_backend = backend
+        return idx
+
+    def encode(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of the nearest codes, the serving path: ``forward``'s ``indices``
+        without its loss, output or gradient.
+
+        z (..., dim), or (B, dim, ...) if channel_first -> int64 indices, z's shape
+        without the channel dim (-1 where ``mask`` is False). The codebook is cached
+        between calls and re-projected only when the layer's parameters or buffers
+        changed (see the module docstring), so a call costs the search over a
+        precomputed codebook. Usage counts are not updated.
+        """
+        x = self._channel_last(z)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        m = _flat_mask(mask, lead, z)
+        with torch.no_grad():
+            flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
+            idx = self._encode_flat(flat_s.detach())
+            if m is not None:
+                idx = torch.where(m, idx, idx.new_full((), -1))
+        return idx.reshape(lead)
+
     # ------------------------------------------------------------- usage stats
     def codebook_usage(self, sync: bool | None = None, group=None):
         """The codes picked by the real tokens of every forward since construction or
-        :meth:`reset_usage`, as a :class:`simvq_kernels.CodebookUsage`
-        (``.utilisation()``, ``.perplexity()``, ``.counts``, ``.summary()``).
+        :meth:`reset_usage` (or since the run a loaded state dict came from), as a
+        :class:`simvq_kernels.CodebookUsage` (``.utilisation()``, ``.perplexity()``,
+        ``.counts``, ``.summary()``).
 
         Needs ``track_usage=True``. ``sync`` (default: when torch.distributed is
         initialised with more than one rank) sums the counts over the ranks of ``group``
@@ -397,12 +747,21 @@ class SimVQ(nn.Module):
         - ``"vector_quantize_pytorch"``: vector-quantize-pytorch's ``SimVQ``
           (``frozen_codebook``, ``code_transform.weight``, and
           ``code_transform.bias`` when this layer has a bias -- load that into a
-          ``SimVQ(..., codebook_transform=nn.Linear(r, d, bias=True))``).
+          ``SimVQ(..., codebook_transform=nn.Linear(r, d, bias=True))``; with a
+          non-linear ``codebook_transform``, its ``code_transform.*`` entries).
 
         Tensors are detached copies on the layer's device.
         """
         if layout not in _LAYOUTS:
             raise ValueError(f"unknown `layout` {layout!r}; choose one of {sorted(_LAYOUTS)}")
+        if not self._linear:
+            if layout == "official":
+                raise ValueError("the official layout holds a linear projection; this "
+                                 "layer has a non-linear codebook_transform")
+            out = {"frozen_codebook": self._full_basis().detach().clone()}
+            for k, v in self.code_transform.state_dict().items():
+                out["code_transform." + k] = v.detach().clone()
+            return out
         ours = {"basis": self._full_basis(), "weight": self.weight, "bias": self.bias}
         out = {}
         for theirs, mine in _LAYOUTS[layout].items():
@@ -414,28 +773,61 @@ class SimVQ(nn.Module):
         return self.basis
 
     def _remap_foreign(self, state_dict, prefix):
-        """Rename the keys of a foreign layout to ours, in place (see
-        :meth:`_load_from_state_dict`)."""
-        for mapping in (_OFFICIAL_KEYS, _VQ_PYTORCH_KEYS):
+        """Rename the keys of a foreign layout to ours, in place, and take the usage
+        counts out (see :meth:`_load_from_state_dict`)."""
+        self._take_usage_counts(state_dict, prefix)
+        mappings = (_OFFICIAL_KEYS, _VQ_PYTORCH_KEYS) if self._linear else \
+            ({"frozen_codebook": "basis"},)
+        for mapping in mappings:
             if any(prefix + k in state_dict for k in mapping):
                 for src, dst in mapping.items():
                     if prefix + src in state_dict:
                         state_dict[prefix + dst] = state_dict.pop(prefix + src)
-                if self.bias is not None and prefix + "bias" not in state_dict:
+                if self._linear and self.bias is not None and \
+                        prefix + "bias" not in state_dict:
                     # a bias-free layout (vector-quantize-pytorch's default) is exactly
                     # a zero bias
                     w = state_dict.get(prefix + "weight")
                     state_dict[prefix + "bias"] = torch.zeros(
                         self.dim, dtype=w.dtype if w is not None else self.weight.dtype)
 
+    def _take_usage_counts(self, state_dict, prefix):
+        counts = state_dict.pop(prefix + _USAGE_KEY, None)
+        if counts is None or self._usage_counts is None:
+            return  # an old checkpoint keeps the counts as they are; untracked: ignored
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != \
+                (self.codebook_size,):
+            raise RuntimeError(f"{prefix + _USAGE_KEY}: expected usage counts of shape "
+                               f"({self.codebook_size},), got "
+                               f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+        self._usage_counts = counts.to(device=self._usage_counts.device,
+                                       dtype=torch.long).clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._usage_counts is not None:
+            destination[prefix + _USAGE_KEY] = self._usage_counts if keep_vars else \
+                self._usage_counts.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         """Accepts the official SimVQ layout (embedding.weight, embedding_proj.weight,
         embedding_proj.bias) and vector-quantize-pytorch's (frozen_codebook,
-        code_transform.weight[, code_transform.bias]) besides our own."""
+        code_transform.weight[, code_transform.bias], or a non-linear transform's
+        code_transform.*) besides our own; ``usage_counts`` is optional."""
         self._remap_foreign(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+def _dropout_seed(device) -> int:
+    """A seed for quantizer dropout, the same on every rank when torch.distributed runs
+    with more than one (summed over the ranks)."""
+    import torch.distributed as dist
+    s = torch.randint(0, 10_000, (), device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(s)
+    return int(s.item())
 
 
 class ResidualSimVQ(nn.Module):
@@ -443,97 +835,231 @@ class ResidualSimVQ(nn.Module):
     r_i = z - zq_0 - ... - zq_{i-1} left by the stages before it (Zeghidour et al. 2021,
     Algorithm 1), each with its own frozen basis and projection.
 
-    Forward: ``out, indices, loss = layer(z, mask=None, return_distances=False)``:
+    Forward: ``out, indices, loss = layer(z, mask=None, return_distances=False,
+    return_all_codes=False, rand_quantize_dropout_fixed_seed=None)``:
 
     - ``out`` has z's shape and dtype with the value zq_0 + ... + zq_{Q-1}; one gradient
       estimator (straight-through, or the rotation trick) is applied to the sum, so
-      dL/dz = dL/dout (not Q times it, as stage-wise estimators would give);
+      dL/dz = dL/dout (not Q times it, as stage-wise estimators give; pass
+      ``stagewise_estimator=True`` for those, vector-quantize-pytorch's behaviour);
     - ``indices`` int64 (..., Q) (z's shape minus the channel dim, plus the stage);
     - ``loss`` is the sum of the stages' SimVQ losses, stage i's taken on its residual
       (with r_i's earlier codes detached, so each stage's commitment term pulls z);
-    - ``mask`` and ``return_distances`` (then (..., Q)) as in :class:`SimVQ`.
+      ``return_all_losses=True`` returns the (Q,) per-stage losses instead, as
+      vector-quantize-pytorch does;
+    - ``mask`` and ``return_distances`` (then (..., Q)) as in :class:`SimVQ`;
+    - ``return_all_codes=True`` appends every stage's codes, (Q, ..., dim) (or
+      (Q, B, dim, ...) if channel_first).
 
-    ``indices_to_codes(indices)`` sums the stages' decoded codes. ``layers[i]`` is stage
-    i (a :class:`SimVQ`); other arguments are passed to every stage.
+    Quantizer dropout (``quantize_dropout=True``, training mode only): each forward
+    keeps the stages up to a random one drawn from
+    ``[quantize_dropout_cutoff_index, Q)`` (rounded up to a multiple of
+    ``quantize_dropout_multiple_of``, minus one), the same on every rank, or from
+    ``rand_quantize_dropout_fixed_seed``; the dropped stages return index -1 and loss 0.
+    ``heads`` must be 1 (as in vector-quantize-pytorch).
+
+    Decoding: ``get_codes_from_indices(indices)`` -> (Q, ..., dim) per stage,
+    ``get_output_from_indices(indices)`` = ``indices_to_codes`` = ``decode`` -> their
+    sum, in ``forward``'s layout; index -1 (padding, dropped stages) decodes to zeros,
+    and with quantizer dropout fewer than Q stages may be given. ``encode(z)`` gives the
+    indices alone over the stages' cached codebooks. ``layers[i]`` is stage i (a
+    :class:`SimVQ`); the remaining keyword arguments (``codebook_transform``,
+    ``init_fn``, ``commitment_weight``, ...) are passed to every stage (a
+    ``codebook_transform`` module is shared by the stages, as in
+    vector-quantize-pytorch).
     """
 
     def __init__(self, dim: int, codebook_size: int, num_quantizers: int,
                  basis_dim: int | None = None, bias: bool = True, beta: float = 0.25,
                  legacy: bool = False, channel_first: bool = False, backend: str = "auto",
-                 *, rotation_trick: bool = False, track_usage: bool = False):
+                 *, rotation_trick: bool = False, track_usage: bool = False,
+                 quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
+                 quantize_dropout_multiple_of: int = 1, heads: int = 1,
+                 stagewise_estimator: bool = False, return_all_losses: bool = False,
+                 **simvq_kwargs):
         super().__init__()
-        if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) or \
-                num_quantizers < 1:
-            raise ValueError(f"`num_quantizers` must be a positive int, got {num_quantizers!r}")
+        _positive_int("num_quantizers", num_quantizers)
+        if heads != 1:
+            raise ValueError(f"`heads` must be 1 (residual quantisation has one code per "
+                             f"stage), got {heads!r}")
+        if not isinstance(quantize_dropout_cutoff_index, int) or \
+                quantize_dropout_cutoff_index < 0:
+            raise ValueError("`quantize_dropout_cutoff_index` must be an int >= 0, got "
+                             f"{quantize_dropout_cutoff_index!r}")
+        _positive_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of)
+        self.quantize_dropout = bool(quantize_dropout) and num_quantizers > 1
+        if self.quantize_dropout and quantize_dropout_cutoff_index >= num_quantizers:
+            raise ValueError(f"`quantize_dropout_cutoff_index` must be below num_quantizers"
+                             f"={num_quantizers}, got {quantize_dropout_cutoff_index}")
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.dim = dim
-        self.codebook_size = codebook_size
         self.num_quantizers = num_quantizers
         self.channel_first = bool(channel_first)
         self.rotation_trick = bool(rotation_trick)
+        self.stagewise_estimator = bool(stagewise_estimator)
+        self.return_all_losses = bool(return_all_losses)
         self.layers = nn.ModuleList(
             SimVQ(dim, codebook_size, basis_dim, bias, beta, legacy, channel_first=False,
-                  backend=backend, track_usage=track_usage)
+                  backend=backend, track_usage=track_usage, **simvq_kwargs)
             for _ in range(num_quantizers))
         self.last_backend: str | None = None
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebook_dim(self) -> int:
+        return self.dim
 
     @property
     def codebooks(self) -> torch.Tensor:
         """(Q, K, dim): each stage's projected codebook."""
         return torch.stack([layer.codebook for layer in self.layers])
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+    # ---------------------------------------------------------------- decoding
+    def _stage_indices(self, indices):
+        q = self.num_quantizers
+        if not isinstance(indices, torch.Tensor) or indices.dim() < 1 or \
+                indices.shape[-1] > q or (indices.shape[-1] < q and not self.quantize_dropout):
+            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else \
+                type(indices).__name__
+            raise ValueError(f"`indices` must have shape (..., {q}) (one index per stage"
+                             + ("; fewer stages with quantize_dropout" if self.quantize_dropout
+                                else "") + f"), got {got}")
+        if self.channel_first and indices.dim() < 2:
+            raise ValueError("channel_first decoding needs indices of shape (B, ..., Q)")
+        if indices.shape[-1] < q:
+            indices = F.pad(indices, (0, q - indices.shape[-1]), value=-1)
+        return indices
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (..., Q) -> every stage's codes, (Q, ..., dim) (or (Q, B, dim, ...) if
+        channel_first); -1 decodes to zeros."""
+        indices = self._stage_indices(indices)
+        codes = torch.stack([layer.indices_to_codes(indices[..., i])
+                             for i, layer in enumerate(self.layers)])
+        if self.channel_first:
+            codes = codes.movedim(-1, 2).contiguous()
+        return codes
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (..., Q) -> the sum of the stages' codes, (..., dim) (or (B, dim, ...)
         if channel_first): the quantised value ``out`` had."""
-        if not isinstance(indices, torch.Tensor) or indices.dim() < 1 or \
-                indices.shape[-1] != self.num_quantizers:
-            raise ValueError(f"`indices` must have shape (..., {self.num_quantizers}) "
-                             f"(one index per stage), got "
-                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+        indices = self._stage_indices(indices)
         codes = None
         for i, layer in enumerate(self.layers):
             c = layer.indices_to_codes(indices[..., i])
             codes = c if codes is None else codes + c
         if self.channel_first:
-            if indices.dim() < 2:
-                raise ValueError("channel_first decoding needs indices of shape (B, ..., Q)")
-            codes = codes.movedim(-1, 1)
+            codes = codes.movedim(-1, 1).contiguous()
         return codes
+
+    indices_to_codes = get_output_from_indices
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """:meth:`get_output_from_indices` without gradient (the serving path)."""
+        with torch.no_grad():
+            return self.get_output_from_indices(indices)
+
+    def encode(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (..., Q) of ``forward`` without its loss and output, over each stage's
+        cached codebook (see :meth:`SimVQ.encode`). No quantizer dropout."""
+        x = _channel_last(z, self.dim, self.channel_first)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        m = _flat_mask(mask, lead, z)
+        with torch.no_grad():
+            residual = flat if m is None else torch.where(m[:, None], flat,
+                                                          flat.new_zeros(()))
+            residual = residual.detach()
+            all_idx = []
+            for layer in self.layers:
+                layer._check_dtype(residual)
+                idx, _, backend = layer._nearest_cached(residual)
+                zq = layer._project_rows(layer.basis.index_select(0, idx))
+                residual = residual - zq.to(residual.dtype)
+                all_idx.append(idx)
+                layer.last_backend = backend
+            self.last_backend = self.layers[-1].last_backend
+            idx = torch.stack(all_idx, dim=-1)
+            if m is not None:
+                idx = torch.where(m[:, None], idx, idx.new_full((), -1))
+        return idx.reshape(*lead, self.num_quantizers)
 
     def codebook_usage(self, sync: bool | None = None, group=None):
         """Per-stage :class:`CodebookUsage` list (needs ``track_usage=True``)."""
         return [layer.codebook_usage(sync, group) for layer in self.layers]
 
+    # ----------------------------------------------------------------- forward
+    def _last_kept_stage(self, device, seed):
+        """The last stage this forward runs (quantizer dropout), or None for all."""
+        if not (self.training and self.quantize_dropout):
+            return None
+        if seed is None:
+            seed = _dropout_seed(device)
+        last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index,
+                                             self.num_quantizers)
+        m = self.quantize_dropout_multiple_of
+        if m != 1:
+            last = math.ceil((last + 1) / m) * m - 1
+        return last
+
+    def _estimate(self, flat, zq):
+        return rotation_trick(flat, zq) if self.rotation_trick else straight_through(flat, zq)
+
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, *,
-                return_distances: bool = False):
+                return_distances: bool = False, return_all_codes: bool = False,
+                rand_quantize_dropout_fixed_seed: int | None = None):
         x = _channel_last(z, self.dim, self.channel_first)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
         m = _flat_mask(mask, lead, z)
         flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
+        last = self._last_kept_stage(z.device, rand_quantize_dropout_fixed_seed)
         residual = flat_s
         total = None
-        loss = None
-        all_idx, all_dist, backends = [], [], []
-        for layer in self.layers:
+        losses, all_idx, all_dist, backends = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            if last is not None and i > last:
+                losses.append(None)
+                all_idx.append(torch.full((flat.shape[0],), -1, dtype=torch.long,
+                                          device=flat.device))
+                all_dist.append(None)
+                backends.append(None)
+                continue
             zq, idx, dist, backend = layer._search(residual.detach())
             backends.append(backend)
-            stage_loss = _masked_loss(residual, zq, m, layer.beta, layer.legacy)
-            loss = stage_loss if loss is None else loss + stage_loss
+            losses.append(layer._loss(residual, zq, m))
             zq_val = zq.to(flat.dtype)
-            total = zq_val if total is None else total + zq_val
-            residual = residual - zq_val.detach()
+            if self.stagewise_estimator:
+                stage_out = self._estimate(residual, zq_val)
+                total = stage_out if total is None else total + stage_out
+                residual = residual - stage_out.detach()
+            else:
+                total = zq_val if total is None else total + zq_val
+                residual = residual - zq_val.detach()
             all_idx.append(idx)
             all_dist.append(dist)
         # every stage succeeded: only now touch the stages' state (usage counts and
         # last_backend), so that a stage rejecting its input leaves all stages unchanged
         for layer, idx, backend in zip(self.layers, all_idx, backends):
-            layer.last_backend = backend
-            layer._count(idx, m)
-        self.last_backend = backends[-1]
-        if self.rotation_trick:
-            out = rotation_trick(flat_s, total)
+            if backend is not None:
+                layer.last_backend = backend
+                layer._count(idx, m)
+        self.last_backend = [b for b in backends if b is not None][-1]
+        out = total if self.stagewise_estimator else self._estimate(flat_s, total)
+        ref = next(l for l in losses if l is not None)
+        losses = [ref.new_zeros(()) if l is None else l for l in losses]
+        if self.return_all_losses:
+            loss = torch.stack(losses)
         else:
-            out = straight_through(flat_s, total)
+            loss = losses[0]
+            for l in losses[1:]:
+                loss = loss + l
+        ref_d = next(d for d in all_dist if d is not None)
+        all_dist = [ref_d.new_zeros(ref_d.shape) if d is None else d for d in all_dist]
         idx = torch.stack(all_idx, dim=-1)
         dist = torch.stack(all_dist, dim=-1)
         if m is not None:
@@ -542,9 +1068,11 @@ class ResidualSimVQ(nn.Module):
             dist = torch.where(m[:, None], dist, dist.new_zeros(()))
         out = out.reshape(*lead, self.dim)
         if self.channel_first:
-            out = out.movedim(-1, 1)
+            out = out.movedim(-1, 1).contiguous()
         indices = idx.reshape(*lead, self.num_quantizers)
+        ret = (out, indices, loss)
         if return_distances:
-            return out, indices, loss, dist.reshape(*lead, self.num_quantizers)
-        return out, indices, loss
-
+            ret = ret + (dist.reshape(*lead, self.num_quantizers),)
+        if return_all_codes:
+            ret = ret + (self.get_codes_from_indices(indices),)
+        return ret
