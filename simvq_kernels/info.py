@@ -6,6 +6,33 @@ import platform
 import sys
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_kernel_config() -> dict | None:
+    """The compiled CPU kernel's configuration in effect (ISA, tile, caches; see
+    csrc/cpu/cpu_config.h), or None without the extension. Cheap: no GPU, no kernel run.
+    Raises RuntimeError for a bad SIMVQ_CPU_ISA / SIMVQ_CPU_TILE / SIMVQ_CPU_L2."""
+    import json
+
+    import torch
+
+    from . import _ext
+
+    if _ext.load() is None or not hasattr(torch.ops.simvq, "cpu_kernel_config"):
+        return None
+    return json.loads(torch.ops.simvq.cpu_kernel_config())
+
+
 def collect() -> dict:
     import torch
 
@@ -39,6 +66,10 @@ def collect() -> dict:
         backends[name] = (status, b.description, "/".join(b.devices))
     info["backends"] = backends
     info["auto order"] = ", ".join(AUTO_ORDER)
+    try:
+        info["cpu kernel"] = cpu_kernel_config()
+    except RuntimeError as e:  # a bad override: say so instead of failing the report
+        info["cpu kernel"] = {"error": str(e).splitlines()[0]}
     return info
 
 
@@ -46,6 +77,7 @@ def main() -> int:
     info = collect()
     backends = info.pop("backends")
     order = info.pop("auto order")
+    cpu_kernel = info.pop("cpu kernel")
     width = max(len(k) for k in info)
     print("simvq-kernels environment")
     for k, v in info.items():
@@ -56,6 +88,24 @@ def main() -> int:
     for name, (status, desc, devices) in backends.items():
         print(f"  {name:<10} {status}")
         print(f"  {'':<10} {desc} [{devices}]")
+    print("CPU kernel (override with SIMVQ_CPU_ISA=scalar|avx2|avx512, "
+          "SIMVQ_CPU_TILE=<tokens>x<codes>, SIMVQ_CPU_L2=<size>):")
+    print(f"  {'cpu':<10} {cpu_model()}")
+    if cpu_kernel is None:
+        print(f"  {'':<10} not available (the compiled extension is not loaded)")
+    elif "error" in cpu_kernel:
+        print(f"  {'error':<10} {cpu_kernel['error']}")
+    else:
+        c = cpu_kernel
+        print(f"  {'isa':<10} {c['isa']} (native {c['native_isa']}, from {c['isa_from']}); "
+              f"{c['small_d_path']}")
+        print(f"  {'tile':<10} {c['tile_tokens']} tokens x {c['tile_codes']} codes "
+              f"({c['tile_fp32_bytes'] // 1024} KiB of fp32; "
+              + (f"chosen for an L2 share of {c['l2_share_bytes'] // 1024} KiB from "
+                 f"{c['l2_from']})" if c["tile_from"] == "auto" else f"set by {c['tile_from']})"))
+        kib = (lambda b: f"{b // 1024} KiB" if b else "unknown")
+        print(f"  {'caches':<10} L1d {kib(c['l1d_bytes'])}, L2 {kib(c['l2_bytes'])}, "
+              f"L3 {kib(c['l3_bytes'])} per instance (from {c['caches_from']})")
     return 0
 
 
@@ -106,4 +156,3 @@ def kernels_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(kernels_main() if "--kernels" in sys.argv[1:] else main())
-

@@ -1,17 +1,21 @@
 // simvq-kernels: fused nearest-code search, SimVQ quantize and its backward on CPU.
 //
 // Forward: for each token z_n find argmin_k ||z_n - Q_k||^2 without building the
-// N x K distance matrix. Work is cut into tiles of BLOCK_N tokens x BLOCK_K codes;
+// N x K distance matrix. Work is cut into tiles of tile_n tokens x tile_k codes;
 // each tile's -2 z.Q^T is one cache-resident single-threaded sgemm into a per-thread
 // buffer, and the buffer is reduced into a running (min, argmin) per token before the
 // next tile overwrites it. Only ||Q_k||^2 - 2 z.Q_k is compared (||z||^2 is constant
-// per token) and ||z||^2 is added once at the end for the returned distance.
+// per token) and ||z||^2 is added once at the end for the returned distance. The tile
+// is chosen at run time to fit the L2 share of a core, and the vector code (argmin,
+// d <= 16 register path) from the CPU's instruction set; both can be forced
+// (cpu_config.h).
 //
-// Determinism: the tiling depends on N and K only, never on the thread count, so
-// every tile's sgemm has the same shape and inputs on every run. Threads take whole
-// token tiles; when there are too few token tiles to fill the threads, the code range
-// is split at tile boundaries and the partial results are merged in code order with a
-// strict '<', so the lowest index wins ties exactly as a sequential scan would.
+// Determinism: the tiling depends on N, K and the configuration (ISA, tile) only, never
+// on the thread count, so every tile's sgemm has the same shape and inputs on every
+// run. Threads take whole token tiles; when there are too few token tiles to fill the
+// threads, the code range is split at tile boundaries and the partial results are
+// merged in code order with a strict '<', so the lowest index wins ties exactly as a
+// sequential scan would.
 //
 // The first tile of a token's code range is reduced in one pass (a per-lane argmin);
 // later tiles use the two-pass scheme below. ||z||^2 and the returned distance are
@@ -33,6 +37,7 @@
 #include <vector>
 
 #include "../simvq.h"
+#include "cpu_config.h"
 
 // The BLAS that torch links (MKL on x86-64 wheels) exports the Fortran gemm symbols.
 // They are declared weak: where a torch build does not export them, the tile product
@@ -97,8 +102,10 @@ void tile_gemm_aten(int64_t m, int64_t n, int64_t k, T alpha, const T* a, const 
   C.mul_(alpha);
 }
 
-constexpr int64_t kBlockN = 256;   // tokens per tile
-constexpr int64_t kBlockK = 1024;  // codes per tile (tile buffer: 1 MiB of fp32, L2-resident)
+using cpu::Isa;
+
+// K is limited so that code positions padded to whole blocks still fit in int32.
+constexpr int64_t kMaxCodesPad = 1024;
 
 // Row argmin of v[j] = c[j] + qn[j] over j in [0, n), lowest j on ties, split in
 // two passes: row_min (a pure min reduction, cheap to vectorise) and, only when that
@@ -266,26 +273,56 @@ __attribute__((target("avx512f"))) void row_argmin_avx512(const float* c, const 
   *j_out = mj;
 }
 
+// Four accumulators over consecutive vectors (positions j, j + 8, j + 16, j + 24):
+// AVX2 has no mask registers, so each step is a compare and two blends whose latency
+// chains through the accumulator; four chains keep the vector units busy.
 __attribute__((target("avx2"))) void row_argmin_avx2(const float* c, const float* qn,
                                                     int32_t n, float* m_out, int32_t* j_out) {
-  constexpr int W = 8;
-  __m256 best = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  __m256i bidx = _mm256_setzero_si256();
-  __m256i pos = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i step = _mm256_set1_epi32(W);
+  constexpr int W = 8, U = 4;
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 best[U];
+  __m256i bidx[U], pos[U];
+  for (int u = 0; u < U; ++u) {
+    best[u] = inf;
+    bidx[u] = _mm256_setzero_si256();
+    pos[u] = _mm256_add_epi32(lane, _mm256_set1_epi32(u * W));
+  }
+  const __m256i step = _mm256_set1_epi32(U * W);
   int32_t j = 0;
-  for (; j + W <= n; j += W) {
+  for (; j + U * W <= n; j += U * W) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 v =
+          _mm256_add_ps(_mm256_loadu_ps(c + j + u * W), _mm256_loadu_ps(qn + j + u * W));
+      const __m256 lt = _mm256_cmp_ps(v, best[u], _CMP_LT_OQ);
+      best[u] = _mm256_blendv_ps(best[u], v, lt);
+      bidx[u] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bidx[u]),
+                                                     _mm256_castsi256_ps(pos[u]), lt));
+      pos[u] = _mm256_add_epi32(pos[u], step);
+    }
+  }
+  for (; j + W <= n; j += W) {  // whole vectors left: accumulator 0 (merged by index below)
     const __m256 v = _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(qn + j));
-    const __m256 lt = _mm256_cmp_ps(v, best, _CMP_LT_OQ);
-    best = _mm256_blendv_ps(best, v, lt);
-    bidx = _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(bidx), _mm256_castsi256_ps(pos), lt));
-    pos = _mm256_add_epi32(pos, step);
+    const __m256 lt = _mm256_cmp_ps(v, best[0], _CMP_LT_OQ);
+    best[0] = _mm256_blendv_ps(best[0], v, lt);
+    bidx[0] = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(bidx[0]),
+                         _mm256_castsi256_ps(_mm256_add_epi32(lane, _mm256_set1_epi32(j))), lt));
+  }
+  // merge the accumulators lane by lane: lower value, or equal value and lower index
+  for (int u = 1; u < U; ++u) {
+    const __m256 lt = _mm256_cmp_ps(best[u], best[0], _CMP_LT_OQ);
+    const __m256 eq = _mm256_cmp_ps(best[u], best[0], _CMP_EQ_OQ);
+    const __m256 lower = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bidx[0], bidx[u]));
+    const __m256 take = _mm256_or_ps(lt, _mm256_and_ps(eq, lower));
+    best[0] = _mm256_blendv_ps(best[0], best[u], take);
+    bidx[0] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bidx[0]),
+                                                   _mm256_castsi256_ps(bidx[u]), take));
   }
   alignas(32) float bv[W];
   alignas(32) int32_t bi[W];
-  _mm256_store_ps(bv, best);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(bi), bidx);
+  _mm256_store_ps(bv, best[0]);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bi), bidx[0]);
   float m = std::numeric_limits<float>::infinity();
   int32_t mj = 0;
   for (int l = 0; l < W; ++l) {
@@ -294,7 +331,7 @@ __attribute__((target("avx2"))) void row_argmin_avx2(const float* c, const float
       mj = bi[l];
     }
   }
-  for (; j < n; ++j) {
+  for (; j < n; ++j) {  // tail: higher positions than every vector lane, so strict '<'
     const float v = c[j] + qn[j];
     if (v < m) {
       m = v;
@@ -312,20 +349,14 @@ struct RowArgminF32 {
   void (*row_argmin)(const float*, const float*, int32_t, float*, int32_t*);
 };
 
-RowArgminF32 pick_row_argmin_f32() {
+// The argmin code for an ISA (cpu::config() has checked that the CPU supports it).
+RowArgminF32 row_argmin_f32_for(Isa isa) {
 #ifdef SIMVQ_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f"))
-    return {row_min_avx512, first_equal_avx512, row_argmin_avx512};
-  if (__builtin_cpu_supports("avx2"))
-    return {row_min_avx2, first_equal_avx2, row_argmin_avx2};
+  if (isa == Isa::kAvx512) return {row_min_avx512, first_equal_avx512, row_argmin_avx512};
+  if (isa == Isa::kAvx2) return {row_min_avx2, first_equal_avx2, row_argmin_avx2};
 #endif
+  (void)isa;
   return {row_min_scalar, first_equal_scalar, row_argmin_scalar};
-}
-
-const RowArgminF32& row_argmin_f32_impl() {
-  static const RowArgminF32 impl = pick_row_argmin_f32();
-  return impl;
 }
 
 void row_argmin_f64(const double* c, const double* qn, int32_t n, double* best_val,
@@ -345,9 +376,8 @@ void row_argmin_f64(const double* c, const double* qn, int32_t n, double* best_v
 
 // Folds one tile row into the running best (val, idx); strict '<' because earlier
 // tiles hold lower indices.
-inline void update_best(const float* c, const float* qn, int32_t n, int64_t k0, float* val,
-                        int64_t* idx) {
-  const RowArgminF32& f = row_argmin_f32_impl();
+inline void update_best(const RowArgminF32& f, const float* c, const float* qn, int32_t n,
+                        int64_t k0, float* val, int64_t* idx) {
   if (!(*val < std::numeric_limits<float>::infinity())) {  // first tile: one pass
     float m;
     int32_t j;
@@ -367,8 +397,8 @@ inline void update_best(const float* c, const float* qn, int32_t n, int64_t k0, 
     }
   }
 }
-inline void update_best(const double* c, const double* qn, int32_t n, int64_t k0,
-                        double* val, int64_t* idx) {
+inline void update_best(const RowArgminF32&, const double* c, const double* qn, int32_t n,
+                        int64_t k0, double* val, int64_t* idx) {
   double m;
   int32_t j;
   row_argmin_f64(c, qn, n, &m, &j);
@@ -380,13 +410,17 @@ inline void update_best(const double* c, const double* qn, int32_t n, int64_t k0
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
 // (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
-// The per-thread tile buffer, allocated once per thread (kBlockN x kBlockK values: 1 MiB
-// for float, 2 MiB for double) and reused by every call; never zero-filled, since every
-// element read was written by the tile's gemm first.
+// The per-thread tile buffer (at least `elems` values), allocated once per thread and
+// reused by every call (grown if a call needs a larger tile); never zero-filled, since
+// every element read was written by the tile's gemm first.
 template <typename T>
-T* thread_tile() {
+T* thread_tile(int64_t elems) {
   thread_local std::unique_ptr<T[]> buf;
-  if (!buf) buf.reset(new T[kBlockN * kBlockK]);
+  thread_local int64_t size = 0;
+  if (size < elems) {
+    buf.reset(new T[elems]);
+    size = elems;
+  }
   return buf.get();
 }
 
@@ -400,10 +434,11 @@ double sq_norm(const T* x, int64_t d) {
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
 // (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
+// The tile buffer has max(2, n_end - n_begin) rows of tile_k values.
 template <typename T>
-void scan_range(const T* z, const T* q, const T* qn, int64_t d, int64_t n_begin,
-                int64_t n_end, int64_t k_begin, int64_t k_end, T* tile, T* val,
-                int64_t* idx) {
+void scan_range(const RowArgminF32& f, int64_t tile_k, const T* z, const T* q, const T* qn,
+                int64_t d, int64_t n_begin, int64_t n_end, int64_t k_begin, int64_t k_end,
+                T* tile, T* val, int64_t* idx) {
   const int64_t bn = n_end - n_begin;
   for (int64_t i = 0; i < bn; ++i) {
     val[i] = std::numeric_limits<T>::infinity();
@@ -421,18 +456,18 @@ void scan_range(const T* z, const T* q, const T* qn, int64_t d, int64_t n_begin,
     std::copy(zt, zt + d, zpad.begin());
     std::copy(zt, zt + d, zpad.begin() + d);
     zt = zpad.data();
-    bm = 2;  // the tile buffer has kBlockN >= 2 rows
+    bm = 2;  // the tile buffer has at least 2 rows
   }
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
-    const int64_t bk = std::min(kBlockK, k_end - k0);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += tile_k) {
+    const int64_t bk = std::min(tile_k, k_end - k0);
     // tile[i][j] = -2 * z[n_begin + i] . q[k0 + j] (the scaling by 2 is exact)
     if (have_fortran_blas()) {
-      tile_gemm(bm, bk, d, T(-2), zt, q + k0 * d, tile, kBlockK);
+      tile_gemm(bm, bk, d, T(-2), zt, q + k0 * d, tile, tile_k);
     } else {
-      tile_gemm_aten<T>(bm, bk, d, T(-2), zt, q + k0 * d, tile, kBlockK);
+      tile_gemm_aten<T>(bm, bk, d, T(-2), zt, q + k0 * d, tile, tile_k);
     }
     for (int64_t i = 0; i < bn; ++i) {
-      update_best(tile + i * kBlockK, qn + k0, static_cast<int32_t>(bk), k0, val + i,
+      update_best(f, tile + i * tile_k, qn + k0, static_cast<int32_t>(bk), k0, val + i,
                   idx + i);
     }
   }
@@ -484,16 +519,25 @@ void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* par
 // ---------------------------------------------------------------- small d (<= 16)
 // With few dimensions a tile product is cheap next to writing and re-reading its
 // output, so the tiled gemm path is bound by the tile's round trip through L2. For
-// d <= kSmallD (float32, AVX-512) the distances are instead formed in registers: the
+// d <= kSmallD (float32, AVX-512 or AVX2) the distances are instead formed in registers: the
 // codebook is stored once per call as blocks of 16 codes, dimension-major and scaled
 // by -2 (exact), and each group of 4 tokens runs v = ||Q||^2 + sum_j z_j (-2 Q_j) as
 // FMAs over the 16 codes of a block, folded at once into a per-lane (min, index).
 // Every (token, code) pair uses the same operation order wherever it sits, so exact
 // duplicate codes get identical values and the strict '<' scan in increasing code
-// order keeps the lowest index. Memory: K*d floats for the re-laid codebook.
+// order keeps the lowest index. The AVX2 code runs the same FMAs in the same order on
+// two 8-lane halves of each block, so both ISAs give the same values bit for bit.
+// Memory: K*d floats for the re-laid codebook.
 constexpr int64_t kSmallD = 16;
-constexpr int64_t kSmallDCodeBlock = 4096;  // codes per pass over a token tile (<= 256 KiB)
-constexpr int64_t kSmallDTokens = 4;         // tokens per register group
+constexpr int64_t kSmallDTokenTile = 256;  // tokens per task
+constexpr int64_t kSmallDTokens = 4;       // tokens per register group
+
+// Codes per pass over a token tile: the re-laid codes of a pass take at most half of
+// the L2 share (4096 codes, 256 KiB at d = 16, with 512 KiB or more), a multiple of 32.
+int64_t small_d_pass_codes(int64_t l2_share, int64_t d) {
+  const int64_t fit = l2_share / 2 / (d * int64_t(sizeof(float)));
+  return std::max<int64_t>(256, std::min<int64_t>(4096, fit / 32 * 32));
+}
 
 #ifdef SIMVQ_X86
 // Scans the 16-code blocks [b0, b1) (an even count) for 4 tokens z4 (4 x d, row-major)
@@ -551,23 +595,84 @@ __attribute__((target("avx512f"))) void small_d_scan_avx512(
   }
 }
 
-bool cpu_has_avx512f() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return has;
+// small_d_scan_avx512 on 8-lane vectors: one 16-code block per step, as two halves
+// (codes 0-7 and 8-15 of the block), 4 tokens x 2 halves = 8 independent FMA chains
+// (AVX2 has 16 vector registers). Each lane's running best sees its block's lower half
+// before the upper half and earlier blocks first, so strict '<' keeps the lowest index.
+__attribute__((target("avx2,fma"))) void small_d_scan_avx2(
+    const float* z4, int64_t d, const float* qt, const float* qn, int64_t b0, int64_t b1,
+    float* val, int64_t* idx) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 best[4] = {inf, inf, inf, inf};
+  __m256i bi[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                   _mm256_setzero_si256()};
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* blk = qt + b * 16 * d;
+    const __m256 nlo = _mm256_loadu_ps(qn + b * 16), nhi = _mm256_loadu_ps(qn + b * 16 + 8);
+    __m256 a0 = nlo, a1 = nlo, a2 = nlo, a3 = nlo;
+    __m256 c0 = nhi, c1 = nhi, c2 = nhi, c3 = nhi;
+    for (int64_t j = 0; j < d; ++j) {
+      const __m256 qlo = _mm256_loadu_ps(blk + j * 16);
+      const __m256 qhi = _mm256_loadu_ps(blk + j * 16 + 8);
+      const __m256 z0 = _mm256_broadcast_ss(z4 + j), z1 = _mm256_broadcast_ss(z4 + d + j);
+      a0 = _mm256_fmadd_ps(z0, qlo, a0);
+      c0 = _mm256_fmadd_ps(z0, qhi, c0);
+      a1 = _mm256_fmadd_ps(z1, qlo, a1);
+      c1 = _mm256_fmadd_ps(z1, qhi, c1);
+      const __m256 z2 = _mm256_broadcast_ss(z4 + 2 * d + j);
+      const __m256 z3 = _mm256_broadcast_ss(z4 + 3 * d + j);
+      a2 = _mm256_fmadd_ps(z2, qlo, a2);
+      c2 = _mm256_fmadd_ps(z2, qhi, c2);
+      a3 = _mm256_fmadd_ps(z3, qlo, a3);
+      c3 = _mm256_fmadd_ps(z3, qhi, c3);
+    }
+    const __m256i plo = _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(b * 16)));
+    const __m256i phi = _mm256_add_epi32(plo, _mm256_set1_epi32(8));
+    const __m256 av[4] = {a0, a1, a2, a3};
+    const __m256 cv[4] = {c0, c1, c2, c3};
+    for (int t = 0; t < 4; ++t) {  // lower half before upper half: ties keep the lower
+      __m256 lt = _mm256_cmp_ps(av[t], best[t], _CMP_LT_OQ);
+      best[t] = _mm256_blendv_ps(best[t], av[t], lt);
+      bi[t] = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(plo), lt));
+      lt = _mm256_cmp_ps(cv[t], best[t], _CMP_LT_OQ);
+      best[t] = _mm256_blendv_ps(best[t], cv[t], lt);
+      bi[t] = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(phi), lt));
+    }
+  }
+  for (int t = 0; t < 4; ++t) {
+    alignas(32) float bv[8];
+    alignas(32) int32_t bx[8];
+    _mm256_store_ps(bv, best[t]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bx), bi[t]);
+    float m = std::numeric_limits<float>::infinity();
+    int32_t mi = 0;
+    for (int l = 0; l < 8; ++l) {  // lanes hold the earliest position of their minimum
+      if (bv[l] < m || (bv[l] == m && bx[l] < mi)) {
+        m = bv[l];
+        mi = bx[l];
+      }
+    }
+    if (m < val[t]) {
+      val[t] = m;
+      idx[t] = mi;
+    }
+  }
 }
 #endif
 
 // The small-d path for float32; returns false (and does nothing) where it does not
-// apply: no AVX-512 or d > kSmallD. The choice depends on the machine and d only, never
-// on the thread count, and so does the result: every (token, code) value is formed the
-// same way whichever task computes it, and split code ranges merge in code order.
-bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_t d,
-                    int64_t* out_idx, float* out_val) {
+// apply: the scalar ISA or d > kSmallD. The choice depends on the configuration and d
+// only, never on the thread count, and so does the result: every (token, code) value is
+// formed the same way whichever task computes it (and whichever ISA: see above), and
+// split code ranges merge in code order.
+bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q, int64_t N,
+                    int64_t K, int64_t d, int64_t* out_idx, float* out_val) {
 #ifdef SIMVQ_X86
-  if (d > kSmallD || !cpu_has_avx512f()) return false;
+  if (d > kSmallD || cfg.isa == Isa::kScalar) return false;
+  auto* scan = cfg.isa == Isa::kAvx512 ? small_d_scan_avx512 : small_d_scan_avx2;
   const int64_t blocks = ((K + 31) / 32) * 2;  // an even number of 16-code blocks
   std::vector<float> qt(blocks * 16 * d, 0.f);  // [block][j][lane] = -2 q[16 block + lane][j]
   std::vector<float> qn(blocks * 16, std::numeric_limits<float>::infinity());  // pad: +inf
@@ -580,9 +685,9 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
       }
     }
   });
-  const int64_t pass = kSmallDCodeBlock / 16;  // blocks per pass over a token tile (even)
+  const int64_t pass = small_d_pass_codes(cfg.l2_share, d) / 16;  // blocks per pass (even)
   const int64_t passes = (blocks + pass - 1) / pass;
-  const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
+  const int64_t n_tiles = (N + kSmallDTokenTile - 1) / kSmallDTokenTile;
   const auto [splits, passes_per_split] = split_code_range(n_tiles, passes);
   std::vector<float> part_val(splits > 1 ? splits * N : 0);
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
@@ -591,7 +696,7 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
     float zpad[kSmallDTokens * kSmallD];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nt = t / splits, sp = t % splits;
-      const int64_t n0 = nt * kBlockN, n1 = std::min(N, n0 + kBlockN);
+      const int64_t n0 = nt * kSmallDTokenTile, n1 = std::min(N, n0 + kSmallDTokenTile);
       const int64_t bb = sp * passes_per_split * pass;
       const int64_t be = std::min(blocks, bb + passes_per_split * pass);
       float* val = splits > 1 ? part_val.data() + sp * N : out_val;
@@ -605,7 +710,7 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
         for (int64_t g = n0; g < n1; g += kSmallDTokens) {
           const int64_t m = std::min(kSmallDTokens, n1 - g);
           if (m == kSmallDTokens) {
-            small_d_scan_avx512(z + g * d, d, qt.data(), qn.data(), b0, b1, val + g, idx + g);
+            scan(z + g * d, d, qt.data(), qn.data(), b0, b1, val + g, idx + g);
           } else {  // last group: pad with copies of its first token, keep m results
             float v[kSmallDTokens];
             int64_t ix[kSmallDTokens];
@@ -615,7 +720,7 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
               v[i] = val[src];
               ix[i] = idx[src];
             }
-            small_d_scan_avx512(zpad, d, qt.data(), qn.data(), b0, b1, v, ix);
+            scan(zpad, d, qt.data(), qn.data(), b0, b1, v, ix);
             for (int64_t i = 0; i < m; ++i) {
               val[g + i] = v[i];
               idx[g + i] = ix[i];
@@ -631,22 +736,24 @@ bool small_d_search(const float* z, const float* q, int64_t N, int64_t K, int64_
   if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
   return true;
 #else
-  (void)z, (void)q, (void)N, (void)K, (void)d, (void)out_idx, (void)out_val;
+  (void)cfg, (void)z, (void)q, (void)N, (void)K, (void)d, (void)out_idx, (void)out_val;
   return false;
 #endif
 }
 
 template <typename T>
-void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d,
-                         int64_t* out_idx, T* out_val) {
+void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, int64_t N,
+                         int64_t K, int64_t d, int64_t* out_idx, T* out_val) {
   // ||Q_k||^2 from the same values that enter the product, accumulated in double.
   std::vector<T> qn(K);
   at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) qn[k] = static_cast<T>(sq_norm(q + k * d, d));
   });
 
-  const int64_t n_tiles = (N + kBlockN - 1) / kBlockN;
-  const int64_t k_tiles = (K + kBlockK - 1) / kBlockK;
+  const int64_t tile_n = cfg.tile_n, tile_k = cfg.tile_k;
+  const RowArgminF32 f = row_argmin_f32_for(cfg.isa);
+  const int64_t n_tiles = (N + tile_n - 1) / tile_n;
+  const int64_t k_tiles = (K + tile_k - 1) / tile_k;
   const auto [splits, tiles_per_split] = split_code_range(n_tiles, k_tiles);
 
   std::vector<T> part_val(splits > 1 ? splits * N : 0);
@@ -655,15 +762,15 @@ void nearest_code_kernel(const T* z, const T* q, int64_t N, int64_t K, int64_t d
 
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     SingleThreadedBlas one_thread;
-    T* tile = thread_tile<T>();
+    T* tile = thread_tile<T>(std::max<int64_t>(2, tile_n) * tile_k);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t nt = t / splits, s = t % splits;
-      const int64_t n0 = nt * kBlockN, n1 = std::min(N, n0 + kBlockN);
-      const int64_t k0 = s * tiles_per_split * kBlockK;
-      const int64_t k1 = std::min(K, k0 + tiles_per_split * kBlockK);
+      const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n);
+      const int64_t k0 = s * tiles_per_split * tile_k;
+      const int64_t k1 = std::min(K, k0 + tiles_per_split * tile_k);
       T* val = splits > 1 ? part_val.data() + s * N + n0 : out_val + n0;
       int64_t* idx = splits > 1 ? part_idx.data() + s * N + n0 : out_idx + n0;
-      scan_range<T>(z, q, qn.data(), d, n0, n1, k0, k1, tile, val, idx);
+      scan_range<T>(f, tile_k, z, q, qn.data(), d, n0, n1, k0, k1, tile, val, idx);
       if (splits == 1) {  // the tile's tokens are still in cache
         for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
       }
@@ -757,7 +864,7 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
   SIMVQ_CHECK(z.size(1) == codebook.size(1), "width mismatch: `z` has d=", z.size(1),
               " but `codebook` has d=", codebook.size(1));
   SIMVQ_CHECK(codebook.size(0) >= 1, "`codebook` is empty (K=0); it needs at least one code");
-  SIMVQ_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kBlockK,
+  SIMVQ_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kMaxCodesPad,
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 1025 are supported");
 }
 
@@ -776,22 +883,23 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
     dist.zero_();
     return {idx, dist};
   }
+  const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
   AT_DISPATCH_SWITCH(compute, "simvq_nearest_code_cpu",
                      AT_DISPATCH_CASE(at::kFloat,
                                       [&] {
-                                        if (!small_d_search(z.data_ptr<float>(),
+                                        if (!small_d_search(cfg, z.data_ptr<float>(),
                                                             cb.data_ptr<float>(), N, K, d,
                                                             idx.data_ptr<int64_t>(),
                                                             dist.data_ptr<float>())) {
                                           nearest_code_kernel<float>(
-                                              z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
+                                              cfg, z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
                                               d, idx.data_ptr<int64_t>(),
                                               dist.data_ptr<float>());
                                         }
                                       })
                          AT_DISPATCH_CASE(at::kDouble, [&] {
                            nearest_code_kernel<double>(
-                               z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
+                               cfg, z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
                                idx.data_ptr<int64_t>(), dist.data_ptr<double>());
                          }));
   remap_by_rows(cb, idx);

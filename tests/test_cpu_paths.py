@@ -1,0 +1,276 @@
+"""Every code path of the CPU kernel, forced one by one on the machine that runs the tests.
+
+The CPU kernel picks its vector code (argmin epilogue, d <= 16 register path) from the
+processor's instruction set and its tile (tokens x codes per sgemm) from the L2 cache;
+``torch.ops.simvq.set_cpu_kernel_config`` (or SIMVQ_CPU_ISA / SIMVQ_CPU_TILE /
+SIMVQ_CPU_L2) forces them. So a plain ``pytest`` on an AVX-512 machine also runs the
+AVX2 and scalar paths, and every ISA runs with several tiles, including ones that do
+not divide N or K, one-token tiles and a tile chosen for a 512 KiB L2.
+
+For every ISA (scalar, avx2, avx512) x tile:
+- picks and distances against the float64 oracle (design.md §3) on random inputs with
+  d <= 16 (register path) and d > 16 (tiled path), N and K not multiples of the tile;
+- exact duplicate codes (across tile and block edges) go to the lowest index, with
+  exact index agreement on inputs with well-separated codes;
+- bit-identical results across repeated calls and across torch.set_num_threads(1, 2)
+  (the thread count only decides where the code range is split).
+An ISA the CPU lacks is checked to fail with a clear error instead.
+Also: the d <= 16 path gives the same bits under AVX2 and AVX-512 (same FMAs in the same
+order) and for any L2 setting; the environment variables are read, and bad values get an
+error naming the variable (one subprocess).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import oracle as O
+import simvq_kernels as sk
+from simvq_kernels import _ext
+
+ISAS = ["scalar", "avx2", "avx512"]
+TILES = ["auto", "1x64", "7x33", "64x1024", "256x1024", "33x250"]
+# (N, K, d): d <= 16 takes the register path (vector ISAs), d > 16 the tiled path
+SHAPES = [(1, 300, 5), (257, 1031, 16), (130, 4099, 3), (300, 777, 17), (65, 2050, 64),
+          (513, 300, 33), (40, 1100, 130), (9, 1, 8)]
+
+
+def _require_extension():
+    if not _ext.available():
+        pytest.fail(f"the compiled extension is unavailable: {_ext.error()}")
+
+
+def _config() -> dict:
+    return json.loads(torch.ops.simvq.cpu_kernel_config())
+
+
+def _set(isa=None, tile=None, l2=None) -> dict:
+    return json.loads(torch.ops.simvq.set_cpu_kernel_config(isa, tile, l2))
+
+
+@pytest.fixture
+def restore():
+    """Puts the kernel configuration and the thread count back as they were."""
+    _require_extension()
+    before = _config()
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    _set(isa=before["isa"] if before["isa_from"] != "native" else "auto",
+         tile=(f"{before['tile_tokens']}x{before['tile_codes']}"
+               if before["tile_from"] != "auto" else "auto"),
+         l2=(str(before["l2_share_bytes"]) if before["l2_from"] in
+             ("SIMVQ_CPU_L2", "set_cpu_kernel_config") else "auto"))
+
+
+def _supported(isa: str) -> bool:
+    native = _config()["native_isa"]
+    return ISAS.index(isa) <= ISAS.index(native)
+
+
+def _force_or_check_error(isa: str) -> bool:
+    """Forces `isa`; where the CPU lacks it, checks the error and returns False."""
+    if _supported(isa):
+        assert _set(isa=isa)["isa"] == isa
+        return True
+    with pytest.raises(RuntimeError, match=r"`isa`=.* does not support"):
+        _set(isa=isa)
+    return False
+
+
+def _problem(n, k, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(k, d, generator=g)
+    z = torch.randn(n, d, generator=g) * 1.3 + 0.1
+    return z.to(dtype), q.to(dtype)
+
+
+def _run_twice_both_thread_counts(z, q):
+    """nearest_code at 2 threads twice and at 1 thread; asserts identical bits."""
+    torch.set_num_threads(2)
+    i1, d1 = torch.ops.simvq.nearest_code(z, q)
+    i2, d2 = torch.ops.simvq.nearest_code(z, q)
+    torch.set_num_threads(1)
+    i3, d3 = torch.ops.simvq.nearest_code(z, q)
+    torch.set_num_threads(2)
+    for i, dd, what in ((i2, d2, "a second run"), (i3, d3, "1 thread")):
+        assert torch.equal(i1, i), f"indices differ with {what}"
+        assert torch.equal(d1.view(torch.int32 if d1.dtype == torch.float32 else torch.int64),
+                           dd.view(torch.int32 if dd.dtype == torch.float32 else torch.int64)), \
+            f"distances differ (bits) with {what}"
+    return i1, d1
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("tile", TILES)
+def test_random_inputs_against_oracle(isa, tile, restore):
+    if not _force_or_check_error(isa):
+        return
+    cfg = _set(tile=tile)
+    if tile != "auto":
+        assert f"{cfg['tile_tokens']}x{cfg['tile_codes']}" == tile
+    for s, (n, k, d) in enumerate(SHAPES):
+        z, q = _problem(n, k, d, seed=100 + s)
+        O.poison_heap(n, 2 * n)
+        idx, dist = _run_twice_both_thread_counts(z, q)
+        O.check_nearest(z, q, idx, dist, 0.0, what=f"{isa} tile {tile} {n}x{k}x{d}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("tile", ["auto", "7x33", "16x16"])
+@pytest.mark.parametrize("d", [4, 16, 24])
+def test_duplicates_go_to_lowest_index(isa, tile, d, restore):
+    """Exact duplicate codes placed across tile edges (33, 16), the 16-code blocks of the
+    register path and its 32-code pairs; tokens near a duplicated code must pick its
+    first copy (well-separated codes: exact index agreement)."""
+    if not _force_or_check_error(isa):
+        return
+    _set(tile=tile)
+    k = 1100
+    g = torch.Generator().manual_seed(7 + d)
+    q = torch.randn(k, d, generator=g) * 4.0
+    pairs = [(0, 1), (5, 40), (15, 16), (31, 32), (32, 1099), (100, 133), (500, 1050),
+             (16, 17), (16, 700)]
+    for a, b in pairs:
+        q[b] = q[a]
+    first = O.first_of_duplicates(q)
+    target = torch.tensor([b for _, b in pairs] + [a for a, _ in pairs] +
+                          torch.randint(0, k, (60,), generator=g).tolist())
+    z = q[target] + 1e-3 * torch.randn(target.numel(), d, generator=g)
+    idx, dist = _run_twice_both_thread_counts(z, q)
+    O.check_nearest(z, q, idx, dist, 0.0, expect_idx=first[target],
+                    what=f"{isa} tile {tile} d={d}")
+    # exact ties: tokens equal to a duplicated code (distance 0 to every copy)
+    zt = q[torch.tensor([b for _, b in pairs])]
+    it, dt = _run_twice_both_thread_counts(zt, q)
+    assert torch.equal(it, torch.tensor([first[a].item() for a, _ in pairs])), it
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_other_dtypes_and_quantize(isa, restore):
+    """float64 (tiled path in double), bfloat16 (widened) and simvq_quantize on each ISA,
+    with a tile that does not divide N or K."""
+    if not _force_or_check_error(isa):
+        return
+    _set(tile="5x70")
+    for dtype, (n, k, d) in ((torch.float64, (77, 300, 12)), (torch.float64, (33, 250, 40)),
+                             (torch.bfloat16, (90, 400, 8)), (torch.bfloat16, (90, 400, 20))):
+        z, q = _problem(n, k, d, seed=5, dtype=dtype)
+        idx, dist = _run_twice_both_thread_counts(z, q)
+        O.check_nearest(z, q, idx, dist, O.unit_roundoff(dtype), what=f"{isa} {dtype} d={d}")
+    g = torch.Generator().manual_seed(11)
+    basis = torch.randn(600, 12, generator=g) * 12 ** -0.5
+    weight = torch.randn(10, 12, generator=g).requires_grad_(True)
+    bias = torch.randn(10, generator=g).requires_grad_(True)
+    z = torch.randn(200, 10, generator=g)
+    out = sk.quantize(z, basis, weight, bias, backend="cpu")
+    O.check_quantize(z, basis, weight, bias, out.zq, out.indices, out.distances, 0.0,
+                     what=f"{isa} quantize")
+
+
+def test_small_d_path_same_bits_on_every_vector_isa_and_l2(restore):
+    """The d <= 16 register path forms every distance with the same FMAs in the same
+    order under AVX2 and AVX-512, and the L2 setting only changes how many codes a pass
+    covers: the results are bit-identical across all of them."""
+    vector = [i for i in ("avx2", "avx512") if _supported(i)]
+    if not vector:  # a CPU without AVX2: the register path does not exist, nothing to compare
+        assert _config()["native_isa"] == "scalar"
+        return
+    g = torch.Generator().manual_seed(3)
+    for n, k, d in ((300, 9000, 16), (5, 5000, 7), (1000, 600, 1)):
+        z = torch.randn(n, d, generator=g)
+        q = torch.randn(k, d, generator=g)
+        results = []
+        for isa in vector:
+            for l2 in ("auto", "64K", "512K", "4M"):
+                _set(isa=isa, l2=l2)
+                results.append(((isa, l2), _run_twice_both_thread_counts(z, q)))
+        (w0, (i0, d0)) = results[0]
+        O.check_nearest(z, q, i0, d0, 0.0, what=f"{w0} {n}x{k}x{d}")
+        for w, (i, dd) in results[1:]:
+            assert torch.equal(i0, i) and torch.equal(d0.view(torch.int32), dd.view(torch.int32)), \
+                f"{w} differs from {w0} at {n}x{k}x{d}"
+
+
+def test_tile_choice_follows_l2(restore):
+    """The tile is chosen from the L2 share: its fp32 output fits half of it; a set tile
+    wins over the choice; 'auto' goes back to the choice."""
+    for l2, most in (("256K", 128 * 1024), ("512K", 256 * 1024), ("1M", 512 * 1024),
+                     ("2M", 1024 * 1024), ("8M", 1024 * 1024)):
+        cfg = _set(tile="auto", l2=l2)
+        assert cfg["tile_from"] == "auto" and cfg["l2_from"] == "set_cpu_kernel_config"
+        assert cfg["tile_fp32_bytes"] == cfg["tile_tokens"] * cfg["tile_codes"] * 4
+        assert most // 2 <= cfg["tile_fp32_bytes"] <= most, (l2, cfg)
+    assert _set(tile="48x96")["tile_tokens"] == 48
+    assert _set(l2="auto")["tile_codes"] == 96
+    cfg = _set(tile="auto")
+    assert cfg["tile_from"] == "auto", cfg
+    assert cfg["l2_from"] in ("sysfs", "sysconf") or cfg["l2_from"].startswith("unknown"), cfg
+
+
+def test_bad_settings_are_rejected_and_change_nothing(restore):
+    before = _config()
+    for kwargs, pattern in ((dict(isa="sse4"), r"`isa`='sse4' is not one of"),
+                            (dict(tile="128"), r"`tile`='128' is not 'auto' or <tokens>x<codes>"),
+                            (dict(tile="0x1024"), r"`tile`='0x1024': each side"),
+                            (dict(tile="128x-4"), r"`tile`='128x-4' is not"),
+                            (dict(l2="lots"), r"`l2`='lots' is not 'auto' or a cache size"),
+                            (dict(l2="1K"), r"`l2`='1K'"),
+                            (dict(isa="avx2", tile="bad"), r"`tile`='bad'")):
+        with pytest.raises(RuntimeError, match=pattern):
+            _set(**kwargs)
+        assert _config() == before, f"{kwargs} changed the configuration"
+
+
+def test_environment_variables():
+    """SIMVQ_CPU_ISA / SIMVQ_CPU_TILE / SIMVQ_CPU_L2 are read on the kernel's first use; a
+    bad value fails every call with an error naming the variable until it is fixed."""
+    _require_extension()
+    code = textwrap.dedent("""
+        import json, os, torch
+        from simvq_kernels import _ext
+        assert _ext.load() is not None, _ext.error()
+        z, q = torch.randn(5, 20), torch.randn(40, 20)
+        def err():
+            try:
+                torch.ops.simvq.nearest_code(z, q)
+            except RuntimeError as e:
+                return str(e).splitlines()[0]
+            return None
+        out = {"isa": err()}
+        os.environ["SIMVQ_CPU_ISA"] = "avx2"
+        os.environ["SIMVQ_CPU_TILE"] = "12y7"
+        out["tile"] = err()
+        os.environ["SIMVQ_CPU_TILE"] = "12x70"
+        os.environ["SIMVQ_CPU_L2"] = "huge"
+        out["l2"] = err()
+        os.environ["SIMVQ_CPU_L2"] = "512K"
+        out["ok"] = err()
+        out["config"] = json.loads(torch.ops.simvq.cpu_kernel_config())
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, SIMVQ_CPU_ISA="sse9")
+    env.pop("SIMVQ_CPU_TILE", None)
+    env.pop("SIMVQ_CPU_L2", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "SIMVQ_CPU_ISA='sse9' is not one of: auto, scalar, avx2, avx512" in out["isa"]
+    assert "SIMVQ_CPU_TILE='12y7'" in out["tile"]
+    assert "SIMVQ_CPU_L2='huge'" in out["l2"]
+    cfg = out["config"]
+    if _supported("avx2"):
+        assert out["ok"] is None, out["ok"]
+        assert (cfg["isa"], cfg["isa_from"]) == ("avx2", "SIMVQ_CPU_ISA")
+        assert (cfg["tile_tokens"], cfg["tile_codes"], cfg["tile_from"]) == \
+            (12, 70, "SIMVQ_CPU_TILE")
+        assert (cfg["l2_share_bytes"], cfg["l2_from"]) == (512 * 1024, "SIMVQ_CPU_L2")
+    else:
+        assert "SIMVQ_CPU_ISA=avx2 but this CPU does not support" in out["ok"]
