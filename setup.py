@@ -4,7 +4,9 @@ Always builds the C++ extension ``simvq_kernels._C`` (CPU kernels + op schemas).
 The CUDA sources under ``csrc/cuda/`` are added only when a CUDA toolkit and a CUDA
 build of torch are both present; ``SIMVQ_BUILD_CUDA=1`` forces them on (and fails if
 that is impossible), ``SIMVQ_BUILD_CUDA=0`` forces them off. ``SIMVQ_CUDA_ARCHS``
-lists the target architectures (default "8.0;9.0a+PTX"). ``SIMVQ_SKIP_EXTENSION=1``
+lists the target architectures (default "8.0+PTX;9.0a": machine code for sm_80 and
+sm_90a, and sm_80 PTX, which newer GPUs can compile at load time; sm_90a PTX could not
+serve them, being specific to sm_90a). ``SIMVQ_SKIP_EXTENSION=1``
 installs the pure-Python package only (the reference backends still work).
 
 What was decided (CUDA kernels built or not, and why) is written to
@@ -119,7 +121,7 @@ def _extensions():
     sources = ["csrc/simvq.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]
     if use_cuda:
-        archs = os.environ.get("SIMVQ_CUDA_ARCHS", "8.0;9.0a+PTX")
+        archs = os.environ.get("SIMVQ_CUDA_ARCHS", "8.0+PTX;9.0a")
         gencode = []
         for a in filter(None, (s.strip() for s in archs.split(";"))):
             ptx = a.endswith("+PTX")
