@@ -13,6 +13,7 @@ from .metrics import CodebookUsage, codebook_usage, sync_codebook_usage
 from .nn import ResidualSimVQ, SimVQ
 from .distributed import ShardedSimVQ, sharded_nearest_code
 from .ops import nearest_code, nearest_code_ex, quantize, simvq_quantize
+from . import official  # drop-in targets for the official SimVQ code
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "codebook_usage",
     "nearest_code",
     "nearest_code_ex",
+    "official",
     "quantize",
     "select_backend",
     "sharded_nearest_code",

@@ -371,6 +371,13 @@ class ShardedSimVQ(SimVQ):
         backend = res["backend"] or select_backend(self.backend, zs.device, pdt)
         return zq, res["idx"], res["dist"], backend
 
+    def _encode_flat(self, flat):
+        """``encode``: the sharded search (a collective; no cached codebook)."""
+        self._check_dtype(flat)
+        _, idx, _, backend = self._search(flat)
+        self.last_backend = backend
+        return idx
+
     # ------------------------------------------------------------ state dicts
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):

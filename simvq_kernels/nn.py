@@ -624,10 +624,11 @@ class SimVQ(nn.Module):
     def _check_dtype(self, zs):
         """Without autocast every tensor of a call shares one dtype (the ops would name
         the basis; the user passed only z)."""
-        if autocast_compute_dtype(zs) is None and zs.dtype != self.basis.dtype and \
+        ref = self.weight if self.weight is not None else self.basis
+        if autocast_compute_dtype(zs) is None and zs.dtype != ref.dtype and \
                 zs.is_floating_point():
             raise TypeError(f"`z` has dtype {zs.dtype} but the layer's parameters have "
-                            f"dtype {self.basis.dtype}; convert one of them (e.g. "
+                            f"dtype {ref.dtype}; convert one of them (e.g. "
                             f"layer.to({zs.dtype})) or run under torch.autocast")
 
     def _estimator(self, flat, zq):

@@ -211,3 +211,28 @@ def test_encode_rejects_bad_input():
         layer.encode(torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="`z` contains NaN"):
         layer.encode(torch.full((2, 8), float("nan")))
+
+
+def test_sharded_encode_single_rank():
+    """ShardedSimVQ.encode runs the sharded search (here on a one-rank gloo group)."""
+    import socket
+
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(16)
+        single = sk.SimVQ(8, 90)
+        layer = sk.ShardedSimVQ.from_simvq(single)
+        z = torch.randn(3, 7, 8, generator=_gen(17))
+        enc = layer.encode(z)
+        assert torch.equal(enc, single.encode(z))
+        assert torch.equal(enc, layer(z)[1])
+        torch.testing.assert_close(layer.decode(enc), single.decode(enc))
+    finally:
+        dist.destroy_process_group()
