@@ -68,6 +68,7 @@ from __future__ import annotations
 from .checks import (GRAD_RTOL, CheckResult, _codes64_from_codebook, _codes64_from_params,
                      check_grads, check_nearest, check_output, check_rows_for,
                      oracle_layer_grads, unit_roundoff)
+from .gpu import Sweep, SweepResult  # also registers the 'gpu' presets
 from .inputs import BETA, Inputs, make_inputs
 from .machine import machine_info
 from .memory import PeakMemory, total_memory_bytes
@@ -84,6 +85,8 @@ from .timing import _sync, ceiling_gflops, ceiling_tile, paired_ceiling_fraction
 
 
 __all__ = [
+    "Sweep",
+    "SweepResult",
     "GRAD_RTOL",
     "CheckResult",
     "_codes64_from_codebook",

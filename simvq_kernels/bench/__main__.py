@@ -72,6 +72,13 @@ def parse_args(argv=None):
     ap.add_argument("--plot", default=None, help="write a PNG plot of throughput vs K")
     ap.add_argument("--markdown", default=None,
                     help="write a markdown summary (machine, versions, table, targets)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="write PRESET.csv, PRESET.md and PRESET.png (and PRESET-accuracy.csv "
+                         "for a preset with an accuracy sweep) into this directory")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run a preset's logic on tiny shapes (the gpu preset: on the CPU, "
+                         "with the cpu backend, and triton under TRITON_INTERPRET=1, standing "
+                         "in for the GPU backends)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.memory_check:
@@ -79,9 +86,30 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose from "
                  f"{[n for n, p in PRESETS.items() if not p.hidden]}")
+    preset = PRESETS[args.preset]
+    if args.dry_run:
+        if preset.dry_run is None:
+            ap.error(f"preset {args.preset!r} has no dry run")
+        preset = PRESETS[preset.dry_run]
+    elif preset.device == "cuda" and not (args.device or "").startswith("cuda") and \
+            not _cuda_available():
+        ap.error(f"preset {args.preset!r} needs a CUDA device (none here); --dry-run runs "
+                 "its logic on tiny shapes on the CPU")
+    args.preset = preset.name
+    given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")}
+    for name, value in preset.defaults:  # the preset's defaults; flags given win
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
     if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be >= 1")
     return args
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:
@@ -101,6 +129,15 @@ def main(argv=None) -> int:
                            threads=args.threads, seed=args.seed, peer_blas=args.peer_blas,
                            progress=not args.no_progress)
     print(format_report(result))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, args.preset)
+        args.csv = args.csv or stem + ".csv"
+        args.plot = args.plot or stem + ".png"
+        args.markdown = args.markdown or stem + ".md"
+        if result.sweep is not None:
+            result.sweep.write_csv(stem + "-accuracy.csv")
+            print(f"wrote {stem}-accuracy.csv")
     if args.csv:
         write_csv(result, args.csv)
         print(f"wrote {args.csv}")
@@ -116,6 +153,8 @@ def main(argv=None) -> int:
             f.write(format_markdown(result, plot_rel, cmd))
         print(f"wrote {args.markdown}")
     bad = [r for r in result.rows if r.check == "FAIL" or r.status == "error"]
+    if result.sweep is not None and (result.sweep.failures() or result.sweep.errors):
+        bad.append(result.sweep)
     return 1 if bad else 0
 
 

@@ -16,8 +16,8 @@ from .blas import apply_env, blas_libraries
 from .checks import check_output
 from .inputs import make_inputs
 from .memory import PeakMemory
-from .presets import Shape
-from .providers import PROVIDERS, build_runner
+from .presets import MODES, Shape
+from .providers import PROVIDERS, NotAvailable, build_runner
 from .timing import (CONTENTION_CORES, MAX_RUNS, ForeignCPU, QuietGate, _sync,
                      ceiling_gflops, paired_ceiling_fraction, time_runs)
 
@@ -30,19 +30,29 @@ def _run_case_in_child(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    mode = spec.get("mode", "fp32")
+    torch.set_float32_matmul_precision(MODES[mode][1])
     if spec["op"] == "ceiling":
         with ForeignCPU() as foreign:
-            gflops = ceiling_gflops(spec["d"], device)
+            gflops = ceiling_gflops(spec["d"], device, mode)
         return {"status": "ok", "gflops": gflops, "foreign_cores": foreign.cores}
+    if spec["op"] == "sweep":  # the GPU acceptance's accuracy sweep of one backend
+        from .gpu import sweep_in_child
+
+        return sweep_in_child(spec)
     provider, op = spec["provider"], spec["op"]
     blas_of = PROVIDERS[provider].module if PROVIDERS[provider].blas else None
     if op == "blas-probe":  # which kernel the peer's BLAS picks in this environment
         importlib.import_module(blas_of)
         return {"status": "ok", "blas": blas_libraries(blas_of)}
     shape = Shape(**spec["shape"])
-    inp = make_inputs(shape, device, spec["seed"])
+    inp = make_inputs(shape, device, spec["seed"], mode)
     tiny_shape = Shape(min(shape.n, 64), min(shape.k, 64), shape.d, shape.r)
-    tiny = build_runner(provider, op, make_inputs(tiny_shape, device, spec["seed"] + 1))
+    try:
+        tiny = build_runner(provider, op, make_inputs(tiny_shape, device, spec["seed"] + 1,
+                                                      mode))
+    except NotAvailable as e:
+        return {"status": "skipped", "reason": f"not available: {e}"}
     tiny.run()  # code pages, thread pools, JIT caches: not part of the op's memory
     _sync(device)
     del tiny

@@ -29,17 +29,35 @@ class Shape:
         return 2 * self.n * self.k * self.d
 
 
-OPS = {"fwd": "fwd", "layer": "layer fwd+bwd"}
+# 'fwd': the search given the projected codebook; 'layer': a SimVQ layer's forward and
+# backward (a training step without the optimizer); 'eval': the layer's forward in eval
+# mode under no_grad; 'encode': ``layer.encode(z)`` (indices only, cached codebook).
+OPS = {"fwd": "fwd", "layer": "layer fwd+bwd", "eval": "eval fwd", "encode": "encode"}
+
+# Precision modes: (dtype, float32 matmul precision). 'fp32' is exact fp32 products
+# (the default everywhere); 'tf32' float32 inputs with tensor-core tf32 products (CUDA);
+# 'bf16' / 'fp16' inputs of that dtype for the search, autocast for layer rows.
+MODES = {"fp32": ("float32", "highest"), "tf32": ("float32", "high"),
+         "bf16": ("bfloat16", "highest"), "fp16": ("float16", "highest")}
+
+
+def op_label(op: str, mode: str = "fp32") -> str:
+    """'fwd', or 'fwd bf16' for a mode other than the default fp32."""
+    return OPS[op] + ("" if mode == "fp32" else f" {mode}")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One shape and op; ``providers`` restricts which providers run it (None = all)."""
+    """One shape and op; ``providers`` restricts which providers run it (None = all);
+    ``mode`` is a key of MODES; ``memory_check`` marks the case whose peak memory is a
+    target."""
 
     shape: Shape
     op: str  # a key of OPS
     providers: Optional[tuple] = None
     note: str = ""
+    mode: str = "fp32"
+    memory_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,13 @@ class Preset:
     description: str
     cases: tuple
     hidden: bool = False
+    # CLI defaults this preset needs (e.g. no waiting for a quiet CPU on a GPU run)
+    defaults: tuple = ()
+    device: Optional[str] = None  # the device type it is meant for (None: any)
+    # the GPU acceptance's accuracy sweep (gpu.py), run before the timed cases
+    sweep: Optional[object] = None
+    # the hidden tiny preset that ``--dry-run`` runs instead (same logic, CPU-sized)
+    dry_run: Optional[str] = None
 
     def shapes(self) -> list:
         """The distinct shapes, in order."""
@@ -63,12 +88,17 @@ def _fwd_and_layer(shapes, layer_shapes=None):
     return tuple([Case(s, "fwd") for s in shapes] + [Case(s, "layer") for s in layer_shapes])
 
 
-FUSED_BACKENDS = ("cpu", "cuda")
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
 MEMORY_SHAPE = Shape(16384, 262144, 32)
 MEMORY_TARGET_MIB = 256
 _MEMORY_CASE = Case(MEMORY_SHAPE, "fwd",
                     providers=("reference", "cdist", "vq-pytorch", "chunked", "cpu", "cuda",
-                               "faiss"))
+                               "faiss"), memory_check=True)
+# Serving: a request of a few hundred tokens against a large codebook. The bare search
+# over a precomputed codebook, the eval-mode forward (projects the codebook every call)
+# and layer.encode (cached codebook) on the same inputs, side by side.
+SERVE_SHAPE = Shape(256, 65536, 128)
+SERVE_PROVIDERS = ("reference", "chunked", "cpu", "cuda", "triton")
 
 PRESETS = {p.name: p for p in (
     Preset("tiny", "seconds; for the smoke test",
@@ -93,5 +123,10 @@ PRESETS = {p.name: p for p in (
                            Shape(16384, 16384, 8), Shape(8192, 32768, 32)],
                           [Shape(16384, 4096, 128), Shape(1500, 16384, 512)])),
     Preset("memory", "only the fused forward's peak memory at 16384x262144x32 "
-           "(--memory-check)", (Case(MEMORY_SHAPE, "fwd", providers=FUSED_BACKENDS),)),
+           "(--memory-check)",
+           (Case(MEMORY_SHAPE, "fwd", providers=FUSED_BACKENDS, memory_check=True),)),
+    Preset("serve", "serving: layer.encode vs the eval-mode forward vs the bare search, "
+           "256 tokens x 65536 codes x d=128",
+           tuple(Case(SERVE_SHAPE, op, providers=SERVE_PROVIDERS)
+                 for op in ("fwd", "eval", "encode"))),
 )}

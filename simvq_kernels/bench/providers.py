@@ -14,8 +14,14 @@ import torch
 
 from .inputs import BETA, Inputs
 from .memory import _gib
+from .presets import MODES
 
 MEMORY_FRACTION = 0.4
+
+
+class NotAvailable(RuntimeError):
+    """Raised by a provider's builder when it cannot run here (a missing API or build);
+    the row is reported as skipped with this reason, not as an error."""
 
 
 class Runner:
@@ -35,10 +41,11 @@ class Provider:
     ``kind`` is "backend" (a backend of this library) or "peer" (another tool);
     ``ops`` the keys of :data:`presets.OPS` it runs; ``module``/``pip`` the import that
     must be installed and what to install; ``devices`` the device types it serves
-    (``device_note`` says why not, elsewhere); ``materialising`` that its forward builds
-    the N x K distance matrix (skipped where that cannot fit); ``paired`` that its
-    forward rows get the side-by-side ceiling fraction; ``blas`` that it is a peer whose
-    child process must run with the machine's own BLAS kernel (see child.py)."""
+    (``device_note`` says why not, elsewhere); ``modes`` the precision modes
+    (presets.MODES) it runs; ``materialising`` that its forward builds the N x K
+    distance matrix (skipped where that cannot fit); ``paired`` that its CPU forward rows
+    get the side-by-side ceiling fraction; ``blas`` that it is a peer whose child process
+    must run with the machine's own BLAS kernel (see blas.py)."""
 
     name: str
     kind: str
@@ -48,6 +55,7 @@ class Provider:
     pip: str = ""
     devices: tuple = ("cpu", "cuda")
     device_note: str = ""
+    modes: tuple = ("fp32", "tf32", "bf16", "fp16")
     materialising: bool = False
     paired: bool = False
     blas: bool = False
@@ -82,14 +90,30 @@ def _backend(name: str) -> Callable:
         g = inp.g_out
         layer = sk.SimVQ(s.d, s.k, basis_dim=s.basis_dim, backend=name).to(z.device)
         _copy_params(layer, inp)
-        x = z.clone().requires_grad_(True)
+        # fp32 tokens for the layer; under autocast (bf16/fp16 modes) the layer rounds them
+        # to the stored low-precision values the checks read
+        x = z.float().clone().requires_grad_(op == "layer")
+        amp = _autocast(inp)
+        if op in ("eval", "encode"):
+            layer.eval()
+            encode = getattr(layer, "encode", None)
+            if op == "encode" and encode is None:
+                raise NotAvailable("SimVQ.encode is not in this version of simvq-kernels")
+
+            def run_eval():
+                with torch.inference_mode(), amp():
+                    return encode(x) if op == "encode" else layer(x)[1]
+            return Runner(run_eval, lambda idx: {
+                "idx": idx.reshape(-1), "grads": None,
+                "grad_note": "indices only (inference)"})
         params = (x, layer.weight, layer.bias)
 
         def run_layer():
             for p in params:
                 p.grad = None
-            out, idx, loss = layer(x)
-            (loss + (out * g).sum()).backward()
+            with amp():
+                out, idx, loss = layer(x)
+            (loss + (out.float() * g).sum()).backward()
             return idx
         return Runner(run_layer, lambda idx: {
             "idx": idx.reshape(-1), "grads": {"z": x.grad, "weight": layer.weight.grad,
@@ -97,9 +121,19 @@ def _backend(name: str) -> Callable:
     return build
 
 
+def _autocast(inp: Inputs):
+    """A context factory: autocast to the inputs' low-precision dtype, or nothing."""
+    import contextlib
+
+    if inp.autocast is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(inp.z.device.type, dtype=inp.autocast)
+
+
 for _name, _mat, _paired in (("reference", True, False), ("chunked", False, False),
-                             ("cpu", False, True), ("cuda", False, True)):
-    register(Provider(_name, "backend", ("fwd", "layer"), _backend(_name),
+                             ("cpu", False, True), ("cuda", False, True),
+                             ("triton", False, False)):
+    register(Provider(_name, "backend", ("fwd", "layer", "eval", "encode"), _backend(_name),
                       materialising=_mat, paired=_paired))
 
 
@@ -126,22 +160,24 @@ def _vq_pytorch_layer(inp: Inputs, rotation_trick: bool):
 def _vq_pytorch(rot: bool) -> Callable:
     def build(op: str, inp: Inputs) -> Runner:
         layer, lin = _vq_pytorch_layer(inp, rotation_trick=rot)
+        amp = _autocast(inp)
         if op == "fwd":
-            x = inp.z[None]
+            x = inp.z.float()[None]
 
             def run_vq():
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     return layer(x)
             return Runner(run_vq, lambda o: {"idx": o[1].reshape(-1).long(), "dist": None})
-        x = inp.z[None].clone().requires_grad_(True)
+        x = inp.z.float()[None].clone().requires_grad_(True)
         g3 = inp.g_out[None]
         params = (x, lin.weight, lin.bias)
 
         def run_vq_layer():
             for p in params:
                 p.grad = None
-            out, idx, loss = layer(x)
-            (loss + (out * g3).sum()).backward()
+            with amp():
+                out, idx, loss = layer(x)
+            (loss + (out.float() * g3).sum()).backward()
             return idx
         if rot:
             return Runner(run_vq_layer, lambda idx: {
@@ -202,12 +238,72 @@ register(Provider("vq-pytorch", "peer", ("fwd", "layer"), _vq_pytorch(False),
 register(Provider("vq-pytorch-rot", "peer", ("layer",), _vq_pytorch(True),
                   module="vector_quantize_pytorch", pip="vector-quantize-pytorch",
                   materialising=True))
-register(Provider("cdist", "peer", ("fwd",), _cdist, materialising=True))
+register(Provider("cdist", "peer", ("fwd",), _cdist, modes=("fp32", "tf32"),
+                  materialising=True))
 register(Provider("faiss", "peer", ("fwd",), _faiss, module="faiss", pip="faiss-cpu",
-                  devices=("cpu",),
-                  device_note="faiss-cpu serves CPU arrays only (faiss-gpu is not wired in)",
+                  devices=("cpu",), modes=("fp32",),
+                  device_note="faiss-cpu serves CPU arrays (faiss-gpu is the 'faiss-gpu' peer)",
                   paired=True, blas=True))
-register(Provider("pykeops", "peer", ("fwd",), _pykeops, module="pykeops", pip="pykeops"))
+register(Provider("pykeops", "peer", ("fwd",), _pykeops, module="pykeops", pip="pykeops",
+                  modes=("fp32",)))
+
+
+# ------------------------------------------------------------------- GPU peers
+
+
+def _matmul(op: str, inp: Inputs) -> Runner:
+    """The same-shape matrix product z @ Q^T into a preallocated N x K output: the cuBLAS
+    ceiling for this shape (it writes N x K, which the fused op never does)."""
+    z, qt = inp.z, inp.codebook.t()
+    c = torch.empty(z.shape[0], qt.shape[1], dtype=z.dtype, device=z.device)
+
+    def run_mm():
+        torch.mm(z, qt, out=c)
+    return Runner(run_mm, lambda o: {"na": "same-shape matrix product (a ceiling, no search)"})
+
+
+def _flash_kmeans(op: str, inp: Inputs) -> Runner:
+    """flash-kmeans' Triton assignment kernel (nearest centroid, indices only); the token
+    norms it takes as input are computed inside the timed call, as part of the search."""
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+    except ImportError as e:
+        raise NotAvailable(f"flash-kmeans has no Triton assignment kernel here ({e})")
+    x, c = inp.z[None], inp.codebook[None]
+    out = torch.empty(1, x.shape[1], dtype=torch.int32, device=x.device)
+
+    def run_fk():
+        x_sq = x.float().pow(2).sum(-1)
+        return euclid_assign_triton(x, c, x_sq, out)
+    return Runner(run_fk, lambda o: {"idx": o[0].long(), "dist": None})
+
+
+def _faiss_gpu(op: str, inp: Inputs) -> Runner:
+    """faiss' brute-force GPU k-NN (k = 1) on torch tensors: no index to build, as the
+    codebook changes every training step."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise NotAvailable("the installed faiss has no GPU support (faiss-cpu)")
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
+
+    res = faiss.StandardGpuResources()
+    z, q = inp.z, inp.codebook
+
+    def run_fg():
+        return faiss.knn_gpu(res, z, q, 1)
+    return Runner(run_fg, lambda o: {"idx": o[1][:, 0].long(), "dist": o[0][:, 0]})
+
+
+register(Provider("matmul", "peer", ("fwd",), _matmul, devices=("cuda",),
+                  device_note="the same-shape product is a ceiling on CUDA only (on CPU the "
+                  "ceiling is a cache-resident tile)", materialising=True))
+register(Provider("flash-kmeans", "peer", ("fwd",), _flash_kmeans, module="flash_kmeans",
+                  pip="flash-kmeans", devices=("cuda",), modes=("tf32", "bf16", "fp16"),
+                  device_note="flash-kmeans runs on CUDA only"))
+register(Provider("faiss-gpu", "peer", ("fwd",), _faiss_gpu, module="faiss",
+                  pip="faiss-gpu-cu12", devices=("cuda",), modes=("fp32",),
+                  device_note="faiss-gpu runs on CUDA only"))
 
 
 # ------------------------------------------------------------- derived name lists
@@ -241,10 +337,18 @@ def build_runner(provider: str, op: str, inp: Inputs) -> Runner:
 
 
 def skip_reason(provider: str, case, device, total_mem: int) -> Optional[str]:
-    """Why ``provider`` does not run ``case`` here (None = it runs)."""
+    """Why ``provider`` does not run ``case`` here (None = it runs; "n/a" = not a row)."""
     s = case.shape
-    if case.op not in PROVIDER_OPS[provider]:
+    p = PROVIDERS[provider]
+    if case.op not in PROVIDER_OPS[provider] or case.mode not in p.modes:
         return "n/a"
+    if p.kind == "backend" and case.mode != "fp32":
+        import simvq_kernels as sk
+
+        try:
+            sk.select_backend(provider, device, getattr(torch, MODES[case.mode][0]))
+        except sk.BackendUnavailableError as e:
+            return f"skipped: {e}"
     inputs = 4 * (3 * s.n * s.d + s.k * (s.basis_dim + s.d))
     if inputs > 0.5 * total_mem:
         return f"skipped: inputs need {_gib(inputs)} of {_gib(total_mem)}"

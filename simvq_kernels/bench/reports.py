@@ -4,11 +4,16 @@ from __future__ import annotations
 import csv
 from typing import Optional
 
-from .presets import OPS, PRESETS
+from .presets import OPS, PRESETS, op_label
 from .providers import PAIRED_PROVIDERS
 from .run import BenchResult, Row
 from .targets import evaluate_targets
-from .timing import PAIRS
+from .timing import PAIRS, ceiling_label
+
+
+def _sorted(ceilings: dict) -> list:
+    """Ceilings in a stable order: by d (CPU) or by precision mode name (CUDA)."""
+    return sorted(ceilings.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
 
 COLUMNS = ("provider", "shape NxKxd", "op", "median ms", "IQR ms", "runs", "Mtok/s", "GFLOP/s",
            "peak MiB", "x ref", "x faiss", "% ceil", "check")
@@ -20,9 +25,9 @@ def _fmt(v, spec, empty="-"):
 
 def row_cells(r: Row) -> list:
     if r.status != "ok":
-        return [r.provider, r.shape.label, OPS[r.op]] + ["-"] * 9 + [r.check]
+        return [r.provider, r.shape.label, r.op_label] + ["-"] * 9 + [r.check]
     q1, q3 = r.quartiles
-    return [r.provider, r.shape.label, OPS[r.op], f"{r.median * 1e3:.2f}",
+    return [r.provider, r.shape.label, r.op_label, f"{r.median * 1e3:.2f}",
             f"{(q3 - q1) * 1e3:.2f}", str(len(r.times)), f"{r.tokens_per_s / 1e6:.3g}",
             f"{r.gflops:.1f}", _fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20,
                                     ".1f"),
@@ -62,7 +67,7 @@ def footnotes(result: BenchResult) -> list:
                                                          "cuda max_memory")):
             extra.append("memory: " + r.mem_method)
         if extra:
-            lines.append(f"{r.provider} {OPS[r.op]} {r.shape.label}: " + "; ".join(extra))
+            lines.append(f"{r.provider} {r.op_label} {r.shape.label}: " + "; ".join(extra))
     return lines
 
 
@@ -74,16 +79,25 @@ def format_report(result: BenchResult) -> str:
              f"{m['date']}, commit {m['git commit']}", "", format_table(result.rows), ""]
     if result.ceilings:
         lines.append("matmul ceiling (GFLOP/s): " + ", ".join(
-            f"d={d}: {g:.1f}" for d, g in sorted(result.ceilings.items())))
-    lines.append("% ceil: forward rows of " + ", ".join(PAIRED_PROVIDERS) + " measured side "
-                 "by side with the ceiling tile in the same process (see the markdown)")
+            f"{ceiling_label(k)}: {g:.1f}" for k, g in _sorted(result.ceilings)))
+    if result.device.startswith("cuda"):
+        lines.append("% ceil: this row's GFLOP/s over cuBLAS 8192^3 in the row's precision "
+                     "mode (the tensor-core ceiling); x matmul: the same-shape product's "
+                     "time / this row's (see the markdown)")
+    else:
+        lines.append("% ceil: forward rows of " + ", ".join(PAIRED_PROVIDERS) + " measured "
+                     "side by side with the ceiling tile in the same process (see the "
+                     "markdown)")
     lines.append("GFLOP/s counts 2*N*K*d per call for every op; x ref / x faiss = their "
                  "time / this row's time; peak MiB = measured growth above the inputs.")
     for n in result.notes + footnotes(result):
         lines.append("note: " + n)
+    if result.sweep is not None:
+        lines += ["", result.sweep.text()]
     targets = evaluate_targets(result)
     if targets:
-        lines += ["", f"targets (fused backend '{result.fused}', ratios measured in this run):"]
+        lines += ["", f"targets (fused backend '{result.fused_label}', ratios measured in this "
+                  "run):"]
         for t, v, s in targets:
             lines.append(f"  [{s:>6}] {t}: {v}")
     return "\n".join(lines)
@@ -98,26 +112,43 @@ def format_markdown(result: BenchResult, plot_path: Optional[str] = None,
     if command:
         md += ["", "Command:", "", "```", command, "```"]
     md += ["", format_markdown_table(result.rows), ""]
-    if result.ceilings:
-        t = 8192 if result.device.startswith("cuda") else 1024
-        md.append(f"Matmul ceiling (torch.mm of a cache-resident {t} x d x {t} tile into a "
+    gpu = result.device.startswith("cuda")
+    if result.ceilings and gpu:
+        md.append("Matmul ceiling (cuBLAS 8192 x 8192 x 8192 in each precision mode into a "
+                  "preallocated output, random data, the better of the start and end of the "
+                  "run): " + ", ".join(f"{k}: {g:.1f} GFLOP/s"
+                                       for k, g in _sorted(result.ceilings)))
+        md.append("")
+    elif result.ceilings:
+        md.append("Matmul ceiling (torch.mm of a cache-resident 1024 x d x 1024 tile into a "
                   "preallocated output, the better of the start and end of the run): "
                   + ", ".join(
-                      f"d={d}: {g:.1f} GFLOP/s" for d, g in sorted(result.ceilings.items())))
+                      f"d={d}: {g:.1f} GFLOP/s" for d, g in _sorted(result.ceilings)))
         md.append("")
-    md.append("GFLOP/s counts 2·N·K·d per call for every op. `x ref` / `x faiss` = their "
-              "median time / this row's. Peak MiB = measured growth of the resident set "
-              "(VmHWM) above the inputs, in a fresh child process per row. `% ceil`: for "
-              f"the forward rows of {', '.join(PAIRED_PROVIDERS)}, measured side by side "
-              f"(the op and an equally long batch of ceiling tiles timed alternately in "
-              f"the same process, median of {PAIRS} per-pair ratios, so that the machine's "
-              "drifts cancel); for other rows, this row's GFLOP/s over the run's ceiling.")
+    if gpu:
+        md.append("GFLOP/s counts 2·N·K·d per call for every op. `x ref` / `x faiss` = their "
+                  "median time / this row's. Peak MiB = growth of the CUDA allocator's peak "
+                  "above the inputs, in a fresh child process per row. `% ceil` = this row's "
+                  "GFLOP/s over the tensor-core ceiling of its precision mode; the `matmul` "
+                  "rows are the same-shape cuBLAS product into a preallocated N x K output "
+                  "(a second ceiling, bound by writing N x K), compared in the targets.")
+    else:
+        md.append("GFLOP/s counts 2·N·K·d per call for every op. `x ref` / `x faiss` = their "
+                  "median time / this row's. Peak MiB = measured growth of the resident set "
+                  "(VmHWM) above the inputs, in a fresh child process per row. `% ceil`: for "
+                  f"the forward rows of {', '.join(PAIRED_PROVIDERS)}, measured side by side "
+                  f"(the op and an equally long batch of ceiling tiles timed alternately in "
+                  f"the same process, median of {PAIRS} per-pair ratios, so that the "
+                  "machine's drifts cancel); for other rows, this row's GFLOP/s over the "
+                  "run's ceiling.")
+    if result.sweep is not None:
+        md += ["", result.sweep.markdown()]
     notes = result.notes + footnotes(result)
     if notes:
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     targets = evaluate_targets(result)
     if targets:
-        md += ["", f"## Targets (fused backend `{result.fused}`, ratios measured in this "
+        md += ["", f"## Targets (fused backend `{result.fused_label}`, ratios measured in this "
                "run)", "",
                "| target | measured | |", "|---|---:|---|"]
         md += [f"| {t} | {v} | {s} |" for t, v, s in targets]
@@ -130,7 +161,8 @@ CSV_FIELDS = ("provider", "n", "k", "d", "r", "op", "status", "runs", "median_s"
               "q3_s", "min_s", "max_s", "tokens_per_s", "gflops", "peak_mib", "mem_method",
               "vs_reference", "vs_faiss", "ceiling_gflops", "frac_ceiling",
               "frac_ceiling_method", "check",
-              "check_detail", "foreign_cores", "note", "device")
+              "check_detail", "foreign_cores", "note", "device", "mode", "first_s",
+              "vs_matmul")
 
 
 def write_csv(result: BenchResult, path: str) -> None:
@@ -142,6 +174,7 @@ def write_csv(result: BenchResult, path: str) -> None:
             w.writerow({
                 "provider": r.provider, "n": r.shape.n, "k": r.shape.k, "d": r.shape.d,
                 "r": r.shape.basis_dim, "op": OPS[r.op], "status": r.status,
+                "mode": r.mode, "first_s": r.first_s, "vs_matmul": r.vs_matmul,
                 "runs": len(r.times), "median_s": r.median, "q1_s": q1, "q3_s": q3,
                 "min_s": min(r.times) if r.times else None,
                 "max_s": max(r.times) if r.times else None,
@@ -166,7 +199,7 @@ def write_plot(result: BenchResult, path: str) -> None:
     import matplotlib.pyplot as plt
 
     timed = [r for r in result.rows if r.median]
-    ops = [op for op in OPS if any(r.op == op for r in timed)]
+    ops = list(dict.fromkeys(r.op_label for r in timed))
     ds = sorted({r.shape.d for r in timed})
     if not ops:
         return
@@ -177,7 +210,7 @@ def write_plot(result: BenchResult, path: str) -> None:
     for i, op in enumerate(ops):
         for j, d in enumerate(ds):
             ax = axes[i][j]
-            cell = [r for r in timed if r.op == op and r.shape.d == d]
+            cell = [r for r in timed if r.op_label == op and r.shape.d == d]
             if not cell:
                 ax.axis("off")
                 continue
@@ -186,9 +219,10 @@ def write_plot(result: BenchResult, path: str) -> None:
                 if pts:
                     ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=p,
                             color=colours[p])
-            if d in result.ceilings:
-                ax.axhline(result.ceilings[d], ls="--", color="k", lw=1,
-                           label=f"matmul ceiling ({result.ceilings[d]:.0f})")
+            ceil = next((r.ceiling for r in cell if r.ceiling), None)
+            if ceil:
+                ax.axhline(ceil, ls="--", color="k", lw=1,
+                           label=f"matmul ceiling ({ceil:.0f})")
             ns = sorted({r.shape.n for r in cell})
             ks = sorted({r.shape.k for r in cell})
             ax.set_xscale("log", base=2)
@@ -198,12 +232,18 @@ def write_plot(result: BenchResult, path: str) -> None:
             ax.set_xlim(ks[0] / 1.6, ks[-1] * 1.6)
             ax.set_xlabel("K (codes)")
             ax.set_ylabel("GFLOP/s (2NKd / time)")
-            ax.set_title(f"{OPS[op]}, d={d}, N={'/'.join(map(str, ns))}", fontsize=10)
+            ax.set_title(f"{op}, d={d}, N={'/'.join(map(str, ns))}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="best")
     m = result.machine
-    fig.suptitle(f"simvq-kernels '{result.preset.name}' on {m.get('gpu', m['cpu'])} "
-                 f"({m['torch threads']} threads), {m['date']}", fontsize=10)
+    if "gpu" in m:
+        fig.suptitle(f"simvq-kernels '{result.preset.name}' on {m['gpu']} (driver "
+                     f"{m.get('driver', '?')}, CUDA {m.get('cuda runtime (torch)', '?')}, torch "
+                     f"{m.get('torch', '?')}, triton {m.get('triton', '?')}), {m['date']}, "
+                     f"commit {m['git commit'][:10]}", fontsize=9)
+    else:
+        fig.suptitle(f"simvq-kernels '{result.preset.name}' on {m['cpu']} "
+                     f"({m['torch threads']} threads), {m['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -217,7 +257,7 @@ def list_presets(show_hidden: bool = False) -> str:
         lines.append(f"{p.name:<8} {p.description}")
         for c in p.cases:
             only = f" [{', '.join(c.providers)} only]" if c.providers else ""
-            lines.append(f"{'':<10}{OPS[c.op]:<14} {c.shape.label}{only}")
+            lines.append(f"{'':<10}{op_label(c.op, c.mode):<14} {c.shape.label}{only}")
     return "\n".join(lines)
 
 

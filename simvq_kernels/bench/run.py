@@ -11,14 +11,14 @@ from typing import Optional
 import torch
 
 from .blas import describe, peer_env
-from .checks import unit_roundoff
+from .checks import mode_roundoff
 from .child import run_in_child, run_measured
 from .machine import machine_info
 from .memory import total_memory_bytes
-from .presets import OPS, Preset, Shape
+from .presets import FUSED_BACKENDS, Preset, Shape, op_label
 from .providers import (BACKEND_NAMES, PAIRED_PROVIDERS, PEER_NAMES, PROVIDERS,
                         select_providers, skip_reason)
-from .timing import CONTENTION_CORES, QuietGate
+from .timing import CONTENTION_CORES, QuietGate, ceiling_key, ceiling_label
 
 
 @dataclass
@@ -40,6 +40,14 @@ class Row:
     ceiling: Optional[float] = None
     foreign_cores: Optional[float] = None
     paired_frac: Optional[float] = None  # % of ceiling measured side by side (fwd rows)
+    mode: str = "fp32"  # precision mode (presets.MODES)
+    first_s: Optional[float] = None  # the first (warm-up) call, excluded from the times
+    vs_matmul: Optional[float] = None  # same-shape matrix product's time / this row's
+    memory_check: bool = False  # the case's peak memory is a target
+
+    @property
+    def op_label(self) -> str:
+        return op_label(self.op, self.mode)
 
     @property
     def median(self) -> Optional[float]:
@@ -77,10 +85,19 @@ class BenchResult:
     preset: Preset
     device: str
     rows: list
-    ceilings: dict  # d -> GFLOP/s
+    ceilings: dict  # timing.ceiling_key -> GFLOP/s (d on CPU, precision mode on CUDA)
     machine: dict
     notes: list
-    fused: str
+    fused: tuple  # the fused backends whose targets are evaluated
+    sweep: Optional[object] = None  # gpu.SweepResult of a preset with an accuracy sweep
+
+    def __post_init__(self):
+        if isinstance(self.fused, str):
+            self.fused = (self.fused,)
+
+    @property
+    def fused_label(self) -> str:
+        return ", ".join(self.fused)
 
 
 class _NoProgress:
@@ -121,12 +138,14 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
     if repeat is None:
         repeat = 25 if device.type == "cuda" else 7
     backends = list(BACKEND_NAMES) if backends is None else backends
-    peers = list(PEER_NAMES) if peers is None else peers
+    if peers is None:  # every peer that serves this device (named ones are reported)
+        peers = [p for p in PEER_NAMES if device.type in PROVIDERS[p].devices]
     providers, notes = select_providers(backends, peers, device)
-    fused = "cuda" if device.type == "cuda" else "cpu"
+    fused = tuple(b for b in FUSED_BACKENDS if b in providers and
+                  (device.type == "cpu") == (b == "cpu")) or \
+        (("cpu",) if device.type == "cpu" else ("cuda",))
     total_mem = total_memory_bytes(device)
-    u = unit_roundoff(device)
-    base = {"device": str(device), "threads": threads, "seed": seed, "u": u,
+    base = {"device": str(device), "threads": threads, "seed": seed,
             "check_rows": check_rows, "repeat": repeat, "case_budget": case_budget,
             "min_time": min_time}
 
@@ -137,29 +156,34 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
             if case.providers is not None and p not in case.providers:
                 continue
             plan.append((p, case))
-    ds = sorted({c.shape.d for c in preset.cases})
-    bar = tqdm(total=len(plan) + 2 * len(ds), desc=f"bench {preset.name}", unit="case",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    keys = sorted({(ceiling_key(device, c.shape.d, c.mode), c.shape.d, c.mode)
+                   for c in preset.cases}, key=lambda x: str(x[0]))
+    keys = list({k: (k, d, m) for k, d, m in keys}.values())
+    sweep_steps = preset.sweep.steps(providers, device) if preset.sweep is not None else 0
+    bar = tqdm(total=len(plan) + 2 * len(keys) + sweep_steps, desc=f"bench {preset.name}",
+               unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     gate = QuietGate(quiet_wait, quiet_wait_total)
 
     def measure_ceilings(when):
         got = {}
-        for d in ds:
-            bar.set_postfix_str(f"ceiling d={d} ({when})")
-            out = run_measured(dict(base, op="ceiling", d=d), case_timeout, gate,
+        for key, d, mode in keys:
+            label = ceiling_label(key)
+            bar.set_postfix_str(f"ceiling {label} ({when})")
+            out = run_measured(dict(base, op="ceiling", d=d, mode=mode), case_timeout, gate,
                                contention_retries)
             if out["status"] == "ok":
-                got[d] = out["gflops"]
+                got[key] = out["gflops"]
                 if (out.get("foreign_cores") or 0.0) > CONTENTION_CORES:
-                    notes.append(f"ceiling d={d} ({when}): contended: other processes used "
+                    notes.append(f"ceiling {label} ({when}): contended: other processes used "
                                  f"{out['foreign_cores']:.2f} cores while timing")
             else:
-                notes.append(f"ceiling d={d} ({when}): {out.get('error') or out.get('reason')}")
+                notes.append(f"ceiling {label} ({when}): "
+                             f"{out.get('error') or out.get('reason')}")
             bar.update(1)
         return got
 
     peer_envs, peer_blas_seen = {}, {}
-    for p in providers:
+    for p in dict.fromkeys(p for p, _ in plan):
         if not PROVIDERS[p].blas:
             continue
         probe = None
@@ -170,12 +194,17 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         peer_envs[p], why = peer_env(peer_blas, probe)
         notes.append(f"peer {p}: {why}")
 
+    sweep = None
+    if preset.sweep is not None:
+        sweep = preset.sweep.run(providers, device, case_timeout=case_timeout, seed=seed,
+                                 bar=bar)
     ceil_start = measure_ceilings("start")
     rows = []
     for p, case in plan:
         s = case.shape
-        bar.set_postfix_str(f"{p} {OPS[case.op]} {s.label}")
-        row = Row(p, s, case.op, note=case.note)
+        bar.set_postfix_str(f"{p} {op_label(case.op, case.mode)} {s.label}")
+        row = Row(p, s, case.op, note=case.note, mode=case.mode,
+                  memory_check=case.memory_check)
         why = skip_reason(p, case, device, total_mem)
         if why == "n/a":
             bar.update(1)
@@ -183,15 +212,18 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         if why:
             row.status, row.check = "skipped", why
         else:
-            spec = dict(base, provider=p, op=case.op,
+            spec = dict(base, provider=p, op=case.op, mode=case.mode,
+                        u=mode_roundoff(case.mode),
                         shape={"n": s.n, "k": s.k, "d": s.d, "r": s.r},
-                        paired_ceiling=case.op == "fwd" and p in PAIRED_PROVIDERS,
+                        paired_ceiling=(case.op == "fwd" and p in PAIRED_PROVIDERS
+                                        and device.type == "cpu"),
                         peer_env=peer_envs.get(p))
             out = run_measured(spec, case_timeout, gate, contention_retries)
             if out.get("blas") is not None:
                 peer_blas_seen.setdefault(p, set()).add(describe(out["blas"]))
             if out["status"] == "ok":
                 row.times = out["times"]
+                row.first_s = out.get("first_s")
                 row.peak_bytes = out["peak_bytes"]
                 row.mem_method = out["mem_method"]
                 row.check, row.check_detail = out["check"], out["check_detail"]
@@ -207,21 +239,21 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                 row.status, row.check = "error", "ERROR"
                 row.check_detail = out["error"]
                 if out.get("traceback"):
-                    print(f"[bench] {p} {OPS[case.op]} {s.label} failed:\n{out['traceback']}",
-                          file=sys.stderr)
+                    print(f"[bench] {p} {row.op_label} {s.label} failed:\n"
+                          f"{out['traceback']}", file=sys.stderr)
         rows.append(row)
         bar.update(1)
     ceil_end = measure_ceilings("end")
     bar.close()
     # The ceiling is a limit: the better of the two measurements (start and end of the run)
-    ceilings = {d: max(x for x in (ceil_start.get(d), ceil_end.get(d)) if x is not None)
-                for d in ds if d in ceil_start or d in ceil_end}
-    for d in ds:
-        if d in ceil_start and d in ceil_end:
-            notes.append(f"ceiling d={d}: {ceil_start[d]:.1f} GFLOP/s at the start, "
-                         f"{ceil_end[d]:.1f} at the end; the higher is used")
+    ceilings = {k: max(x for x in (ceil_start.get(k), ceil_end.get(k)) if x is not None)
+                for k, _, _ in keys if k in ceil_start or k in ceil_end}
+    for k, _, _ in keys:
+        if k in ceil_start and k in ceil_end:
+            notes.append(f"ceiling {ceiling_label(k)}: {ceil_start[k]:.1f} GFLOP/s at the "
+                         f"start, {ceil_end[k]:.1f} at the end; the higher is used")
     for r in rows:
-        r.ceiling = ceilings.get(r.shape.d)
+        r.ceiling = ceilings.get(ceiling_key(device, r.shape.d, r.mode))
     if gate.waited >= 1:
         notes.append(f"waited {gate.waited:.0f} s in all for other processes to leave the CPUs")
     _fill_ratios(rows)
@@ -234,18 +266,18 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
     machine["load average 1/5/15 min (start, end)"] = (
         " / ".join(f"{x:.2f}" for x in load_start) + ", "
         + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
-    return BenchResult(preset, str(device), rows, ceilings, machine, notes, fused)
+    return BenchResult(preset, str(device), rows, ceilings, machine, notes, fused, sweep)
 
 
 def _fill_ratios(rows):
-    """Speed-up vs the reference and vs faiss on the same shape and op."""
-    by = {(r.provider, r.shape, r.op): r for r in rows}
+    """Speed-up vs the reference, vs faiss and vs the same-shape matrix product, on the
+    same shape, op and precision mode."""
+    by = {(r.provider, r.shape, r.op, r.mode): r for r in rows}
     for r in rows:
         if r.median is None:
             continue
-        ref = by.get(("reference", r.shape, r.op))
-        if ref is not None and ref.median:
-            r.vs_reference = ref.median / r.median
-        fa = by.get(("faiss", r.shape, r.op))
-        if fa is not None and fa.median:
-            r.vs_faiss = fa.median / r.median
+        for attr, other in (("vs_reference", "reference"), ("vs_faiss", "faiss"),
+                            ("vs_matmul", "matmul")):
+            o = by.get((other, r.shape, r.op, r.mode))
+            if o is not None and o.median:
+                setattr(r, attr, o.median / r.median)

@@ -77,15 +77,39 @@ class ForeignCPU:
         return False
 
 
-def ceiling_tile(d: int, device):
-    """The ceiling's unit of work, warmed up: torch.mm of a cache-resident (T x d) @
-    (d x T) tile into a preallocated output, T = 1024 on CPU, 8192 on CUDA (design.md
-    §5). Returns (callable, flops per call)."""
+GPU_CEILING_SIZE = 8192
+
+
+def ceiling_key(device, d: int, mode: str = "fp32"):
+    """Which ceiling a row is compared with: per d on CPU (a cache-resident tile of that
+    width), per precision mode on CUDA (the tensor-core ceiling, 8192^3 in that mode)."""
+    return mode if torch.device(device).type == "cuda" else d
+
+
+def ceiling_label(key) -> str:
+    if isinstance(key, str):
+        n = GPU_CEILING_SIZE
+        return f"{key} {n}x{n}x{n}"
+    return f"d={key}"
+
+
+def ceiling_tile(d: int, device, mode: str = "fp32"):
+    """The ceiling's unit of work, warmed up (design.md §5). On CPU: torch.mm of a
+    cache-resident (1024 x d) @ (d x 1024) tile into a preallocated output, fp32. On
+    CUDA: cuBLAS 8192 x 8192 x 8192 in the mode's dtype (tf32: fp32 under matmul
+    precision 'high', set by the caller), the tensor-core ceiling, independent of d.
+    Random data, never zeros. Returns (callable, flops per call)."""
+    from .presets import MODES
+
     device = torch.device(device)
-    t = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(t, d, device=device)
-    bt = torch.randn(t, d, device=device).t()
-    c = torch.empty(t, t, device=device)
+    if device.type == "cuda":
+        t = d = GPU_CEILING_SIZE
+        dtype = getattr(torch, MODES[mode][0])
+    else:
+        t, dtype = 1024, torch.float32
+    a = torch.randn(t, d, device=device).to(dtype)
+    bt = torch.randn(t, d, device=device).to(dtype).t()
+    c = torch.empty(t, t, device=device, dtype=dtype)
 
     def tile():
         torch.mm(a, bt, out=c)
@@ -95,9 +119,10 @@ def ceiling_tile(d: int, device):
     return tile, 2 * t * t * d
 
 
-def ceiling_gflops(d: int, device, min_runs: int = 50, min_seconds: float = 0.3) -> float:
+def ceiling_gflops(d: int, device, mode: str = "fp32", min_runs: int = 50,
+                   min_seconds: float = 0.3) -> float:
     """GFLOP/s of the ceiling tile (see :func:`ceiling_tile`)."""
-    tile, flops = ceiling_tile(d, device)
+    tile, flops = ceiling_tile(d, device, mode)
     times, t_start = [], time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - t_start < min_seconds:
         times += time_runs(tile, 1, device)
