@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <limits>
 
 #include "../simvq.h"
@@ -18,6 +19,8 @@ namespace simvq {
 namespace {
 
 using cuda::Mma;
+
+constexpr int kMaxDevices = 256;
 
 // How fp32 products are formed: tf32 unless torch.get_float32_matmul_precision() is
 // "highest", then 3xTF32 (about fp32 accuracy).
@@ -50,6 +53,19 @@ at::Tensor chunk_rows(const at::Tensor& x) {
   at::Tensor out = at::zeros({x.size(0), ld}, x.options());
   out.narrow(1, 0, w).copy_(x);
   return out;
+}
+
+// The device's SM count, asked once per device (a cached int: nothing is called while
+// a CUDA graph is being captured after the first use).
+int multiprocessor_count(int device) {
+  static std::atomic<int> cache[kMaxDevices] = {};
+  SIMVQ_CHECK(device >= 0 && device < kMaxDevices, "unexpected CUDA device index ", device);
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void check_cuda(const at::Tensor& x, const char* name) {
@@ -96,10 +112,7 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
   // blocks per SM). The result does not depend on the split.
   const int64_t tiles_m = (N + cuda::kTileM - 1) / cuda::kTileM;
   const int64_t tiles_k = (K + cuda::kTileN - 1) / cuda::kTileN;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
-  const int64_t target = 2 * int64_t(sms);
+  const int64_t target = 2 * int64_t(multiprocessor_count(z.get_device()));
   int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
   splits = std::min<int64_t>(splits, 65535);
   const int64_t codes_per_split = (tiles_k + splits - 1) / splits * cuda::kTileN;
