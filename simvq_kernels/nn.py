@@ -607,6 +607,10 @@ class SimVQ(nn.Module):
             if cdt is None:
                 zq = zq.to(zs.dtype)
             return zq, idx, dist, backend
+        # training: the parameters are about to change, a cached codebook would only
+        # hold memory (K x dim) until the next no-grad call rebuilds it
+        if not torch.compiler.is_compiling():
+            self._codebook_cache = None
         if cdt is None:
             q = ops.quantize(zs, self.basis, self.weight, self.bias, backend=self.backend,
                              duplicate_map=self._duplicate_map(self.basis))

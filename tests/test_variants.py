@@ -287,3 +287,52 @@ def test_usage_tracking():
     layer.reset_usage()
     assert layer.codebook_usage().total == 0
     assert "track_usage=True" in repr(layer)
+
+
+def test_usage_counts_are_saved_and_resumed():
+    """The counts live in the state dict (``usage_counts``): a resumed run continues
+    them; a checkpoint without them (older versions) loads strictly and keeps the
+    counts; a layer without tracking ignores them."""
+    torch.manual_seed(30)
+    layer = sk.SimVQ(8, 40, track_usage=True)
+    layer(torch.randn(6, 9, 8, generator=_gen(31)))
+    sd = layer.state_dict()
+    assert torch.equal(sd["usage_counts"], layer._usage_counts)
+    resumed = sk.SimVQ(8, 40, track_usage=True)
+    resumed.load_state_dict(sd)
+    assert torch.equal(resumed.codebook_usage().counts, layer.codebook_usage().counts)
+    resumed(torch.randn(2, 3, 8, generator=_gen(32)))
+    assert resumed.codebook_usage().total == 54 + 6
+    old = {k: v for k, v in sd.items() if k != "usage_counts"}
+    fresh = sk.SimVQ(8, 40, track_usage=True)
+    fresh.load_state_dict(old)  # strict: no missing key
+    assert fresh.codebook_usage().total == 0
+    untracked = sk.SimVQ(8, 40)
+    untracked.load_state_dict(sd)  # strict: no unexpected key
+    assert "usage_counts" not in untracked.state_dict()
+    assert "usage_counts" not in layer.state_dict_for("official")
+    with pytest.raises(RuntimeError, match="usage_counts"):
+        fresh.load_state_dict({**old, "usage_counts": torch.zeros(3, dtype=torch.long)})
+    rvq = sk.ResidualSimVQ(8, 20, num_quantizers=2, track_usage=True)
+    rvq(torch.randn(4, 8, generator=_gen(33)))
+    rvq2 = sk.ResidualSimVQ(8, 20, num_quantizers=2, track_usage=True)
+    rvq2.load_state_dict(rvq.state_dict())
+    assert [u.total for u in rvq2.codebook_usage()] == [4, 4]
+
+
+def test_channel_first_output_is_contiguous():
+    """Code written for the official layer calls .view on the output."""
+    layer = sk.SimVQ(16, 50, channel_first=True)
+    out, idx, _ = layer(torch.randn(2, 16, 4, 4, generator=_gen(34)))
+    assert out.is_contiguous() and out.view(2, -1).shape == (2, 256)
+    assert layer.indices_to_codes(idx).is_contiguous()
+    rvq = sk.ResidualSimVQ(16, 50, num_quantizers=2, channel_first=True)
+    out, idx, _ = rvq(torch.randn(2, 16, 4, 4, generator=_gen(35)))
+    assert out.is_contiguous() and rvq.indices_to_codes(idx).is_contiguous()
+
+
+def test_backend_name_is_checked_at_construction():
+    for make in (lambda: sk.SimVQ(8, 16, backend="cuad"),
+                 lambda: sk.ResidualSimVQ(8, 16, num_quantizers=2, backend="cuad")):
+        with pytest.raises(ValueError, match=r"`backend` 'cuad'.*'auto'.*'chunked'"):
+            make()
