@@ -1,12 +1,11 @@
 """The 'triton' backend: fused Triton kernels (simvq_kernels/triton/).
 
 Serves CUDA tensors, and CPU tensors only under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported: slow, for tests). Triton and its
+(``TRITON_INTERPRET=1`` set when the call is made: slow, for tests). Triton and its
 kernels are imported on first use, never at package import.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
@@ -31,19 +30,21 @@ class TritonBackend(Backend):
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
         if not _interpreter_on() and not torch.cuda.is_available():
-            return ("no CUDA device (set TRITON_INTERPRET=1 before importing triton to "
-                    "run it on CPU tensors under Triton's interpreter)")
+            return ("no CUDA device (set TRITON_INTERPRET=1 to run it on CPU tensors under "
+                    "Triton's interpreter)")
         return None
 
     def device_problem(self, device):
         if device.type == "cpu" and not _interpreter_on():
             return ("it runs on CPU tensors only under Triton's interpreter "
-                    "(TRITON_INTERPRET=1, set before triton is imported)")
+                    "(set TRITON_INTERPRET=1)")
         return None
 
     @staticmethod
     def _ops():
-        return importlib.import_module("simvq_kernels.triton.ops")
+        # an import statement, not importlib: torch.compile traces through it
+        from ..triton import ops
+        return ops
 
     def nearest_code(self, z, codebook):
         return self._ops().nearest_code(z, codebook)

@@ -91,7 +91,7 @@ def _search_builds():
                    "stride_zn": "i32", "stride_zd": "constexpr", "stride_qk": "i32",
                    "stride_qd": "constexpr"}
             ce = dict(stride_zd=1, stride_qd=1, INPUT_PRECISION=prec, UPCAST=False,
-                      EMULATE_TF32=False, **c.constexprs())
+                      EMULATE_TF32=False, USE_DOT=True, **c.constexprs())
             sig.update({k: "constexpr" for k in ce if k not in sig})
             where = f"d<={max_d}" if max_d else "d>128" if tc else "d>16"
             rows.append(Build("nearest_code", label, f"{where} {c.label()}", tc, sig, ce,
@@ -105,14 +105,16 @@ def _project_builds():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         c = project_config(False, dtype)
         p = _PTR[dtype]
-        sig = {"B": p, "W": p, "BIAS": p, "Q": p, "K": "i32", "R": "i32", "D": "i32",
+        sig = {"B": p, "W": p, "BIAS": p, "Q": p, "QN_PART": "*fp32", "K": "i32", "R": "i32",
+               "D": "i32",
                "stride_bk": "i32", "stride_br": "constexpr", "stride_wd": "i32",
                "stride_wr": "constexpr", "stride_bias": "constexpr", "stride_qk": "i32"}
         ce = dict(stride_br=1, stride_wr=1, stride_bias=1, HAS_BIAS=True,
-                  UPCAST=(dtype == torch.float32), **c.constexprs())
+                  UPCAST=(dtype == torch.float32), BF16_BITS=False, USE_DOT=True,
+                  **c.constexprs())
         sig.update({k: "constexpr" for k in ce if k not in sig})
         rows.append(Build("project", _SHORT[dtype], c.label(), dtype != torch.float32, sig, ce,
-                          _aligned(["B", "W", "BIAS", "Q"], sig),
+                          _aligned(["B", "W", "BIAS", "Q", "QN_PART"], sig),
                           {"num_warps": c.num_warps, "num_stages": c.num_stages}))
     return rows
 
@@ -120,14 +122,12 @@ def _project_builds():
 def _sqnorm_builds():
     rows = []
     c = sqnorm_config(False)
-    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
-                        (torch.float16, False)):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         sig = {"X": _PTR[dtype], "OUT": "*fp32", "M": "i32", "D": "i32", "stride_m": "i32",
                "stride_d": "constexpr"}
-        ce = dict(stride_d=1, TF32_ROUND=tf32, **c.constexprs())
+        ce = dict(stride_d=1, **c.constexprs())
         sig.update({k: "constexpr" for k in ce if k not in sig})
-        label = _SHORT[dtype] + ("-tf32" if tf32 else "")
-        rows.append(Build("row_sqnorm", label, c.label(), False, sig, ce,
+        rows.append(Build("row_sqnorm", _SHORT[dtype], c.label(), False, sig, ce,
                           _aligned(["X", "OUT"], sig),
                           {"num_warps": c.num_warps, "num_stages": c.num_stages}))
     return rows

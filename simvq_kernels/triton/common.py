@@ -25,6 +25,7 @@ Environment variable (read on every call, and at trace time under torch.compile)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -60,12 +61,47 @@ def kernel(fn) -> TritonKernel:
     return TritonKernel(fn)
 
 
+_STDLIB_INTERPRETED: dict = {}
+
+
+@contextlib.contextmanager
+def _interpreted_stdlib():
+    """Triton's standard library (``tl.sum``, ``tl.min``, ...) is itself ``@triton.jit``
+    code, built compiled or interpreted when triton is imported. When triton was
+    imported without TRITON_INTERPRET=1, an interpreted kernel cannot call those
+    compiled functions; swap in interpreted twins for the duration of the launch."""
+    import triton.language as tl
+    from triton.language import standard
+    try:  # imported lazily by a launch and reads the standard library: load it unswapped
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+
+    swaps = []
+    for name, obj in vars(standard).items():
+        if isinstance(obj, JITFunction):
+            twin = _STDLIB_INTERPRETED.get(name)
+            if twin is None:
+                twin = _STDLIB_INTERPRETED[name] = InterpretedFunction(obj.fn)
+            swaps.append((standard, name, obj, twin))
+            if getattr(tl, name, None) is obj:
+                swaps.append((tl, name, obj, twin))
+    for mod, name, _, twin in swaps:
+        setattr(mod, name, twin)
+    try:
+        yield
+    finally:
+        for mod, name, obj, _ in swaps:
+            setattr(mod, name, obj)
+
+
 def launch(k: TritonKernel, grid, *args, device: torch.device, **kwargs):
     """Launch ``k`` on ``grid``. CUDA: through ``torch.library.wrap_triton`` so that a
     ``triton_op`` traced by torch.compile shows Inductor the kernel (outside tracing it
     is the plain launch). CPU: the interpreter (eager only; the CPU ops are opaque)."""
     if device.type == "cpu":
-        k.interpreted[grid](*args, **kwargs)
+        with _interpreted_stdlib():
+            k.interpreted[grid](*args, **kwargs)
         return
     torch.library.wrap_triton(k.jit)[grid](*args, **kwargs)
 

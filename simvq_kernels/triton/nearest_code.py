@@ -14,9 +14,10 @@ exact duplicate codes give bit-identical values and the strict '<' / lowest-inde
 send ties, duplicates included, to the lowest index, without a duplicate map.
 
 Precision: float32 inputs follow ``torch.get_float32_matmul_precision()`` ("highest":
-exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products, and
-||q||^2 of the tf32-rounded values); bf16/fp16 inputs multiply exactly into fp32 on
-tensor cores. float64 is not served (the registry sends it elsewhere).
+exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products);
+bf16/fp16 inputs multiply exactly into fp32 on tensor cores. ||q||^2 is always of the
+stored fp32 values (the rounding of a tf32 product is a product error, covered by
+design.md §3's 4u ||z|| ||Q||). float64 is not served (the registry sends it elsewhere).
 
 Offsets: token rows, code rows and split rows are promoted to int64 before they are
 multiplied by a stride (N x d passes 2^31 elements at 16.7M tokens x 128).
@@ -38,7 +39,7 @@ def _nearest_code_kernel(
     stride_zn, stride_zd, stride_qk, stride_qd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EMULATE_TF32: tl.constexpr,
+    EMULATE_TF32: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -70,7 +71,10 @@ def _nearest_code_kernel(
                 q = q.to(tl.float32)
             if EMULATE_TF32:
                 q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-            acc = tl.dot(zt, q, input_precision=INPUT_PRECISION)
+            if USE_DOT:
+                acc = tl.dot(zt, q, input_precision=INPUT_PRECISION)
+            else:  # the interpreter: sequential sums over d, alike for every code
+                acc = tl.sum(zt[:, :, None] * q[None, :, :], axis=1)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -88,7 +92,10 @@ def _nearest_code_kernel(
                                                                               bitcast=True)
                     q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32,
                                                                               bitcast=True)
-                acc = tl.dot(z, q, acc, input_precision=INPUT_PRECISION)
+                if USE_DOT:
+                    acc = tl.dot(z, q, acc, input_precision=INPUT_PRECISION)
+                else:
+                    acc += tl.sum(z[:, :, None] * q[None, :, :], axis=1)
         qn = tl.load(QN + offs_k, mask=k_mask, other=0.0)
         v = qn[None, :] - 2.0 * acc
         v = tl.where(k_mask[None, :], v, float("inf"))
@@ -175,7 +182,7 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
     prec = dot_precision(z.dtype)
     interpreted = dev.type == "cpu"
     if qn is None:
-        qn = row_sqnorm(codebook, tf32_round=(prec == "tf32"))
+        qn = row_sqnorm(codebook)
     c = config or search_config(d, z.dtype, prec, interpreted)
     blocks = c.constexprs()
     if blocks["SINGLE_D"] and d > blocks["BLOCK_D"]:
@@ -194,6 +201,9 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
            # the interpreter mis-multiplies bf16 in tl.dot: widen there (exact)
            UPCAST=(interpreted and z.dtype != torch.float32),
            EMULATE_TF32=(interpreted and prec == "tf32"),
+           # the interpreter's tl.dot is numpy.matmul, whose BLAS may round a column
+           # differently by its position in the tile: exact duplicates would not tie
+           USE_DOT=not interpreted,
            device=dev, **blocks, **c.launch_options(dev))
     if s > 1:
         first = torch.argmin(val, dim=0, keepdim=True)  # first minimum: lowest split

@@ -11,8 +11,9 @@ interpreter, for tests) the op forwards to an opaque twin ``*_cpu`` custom op, s
 an interpreted kernel cannot be traced.
 
 quantize: the projection Q = B W^T + b is a Triton prologue (exact products, fp32
-accumulation, rounded once to z's dtype: the values the search multiplies), then the
-search with ||Q||^2 of exactly those values, then zq = Q[idx]. Every row of Q is
+accumulation, rounded once to z's dtype: the values the search multiplies, on tensor
+cores for bf16/fp16), with ||Q_k||^2 of the fp32 values; then the search, then
+zq = Q[idx]. Every row of Q is
 computed alike wherever it sits, so duplicate basis rows give identical codes and ties
 go to the lowest index with no duplicate map.
 """
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import dot_precision
 from .nearest_code import nearest_code_triton
-from .prologue import project, row_sqnorm
+from .prologue import project
 from .quantize_backward import quantize_backward_triton
 
 Tensor = torch.Tensor
@@ -36,8 +36,7 @@ def _nearest_code_impl(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
 
 def _quantize_impl(z: Tensor, basis: Tensor, weight: Tensor, bias: Tensor | None
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    q = project(basis, weight, bias, z.dtype)
-    qn = row_sqnorm(q, tf32_round=(dot_precision(z.dtype) == "tf32"))
+    q, qn = project(basis, weight, bias, z.dtype)
     idx, dist = nearest_code_triton(z, q, qn=qn)
     return q.index_select(0, idx), idx, dist
 
