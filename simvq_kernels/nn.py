@@ -466,6 +466,13 @@ class SimVQ(nn.Module):
         self._codebook_cache = None
         self._dup_cache = {}
 
+    def __getstate__(self):
+        # pickling / deepcopy: the caches are derived data (and K x dim large)
+        state = self.__dict__.copy()
+        state["_codebook_cache"] = None
+        state["_dup_cache"] = {}
+        return state
+
     def _search_dtype(self, zs):
         """The dtype the search runs in for tokens ``zs`` (autocast's, or zs's)."""
         return autocast_compute_dtype(zs) or zs.dtype

@@ -236,3 +236,61 @@ def test_sharded_encode_single_rank():
         torch.testing.assert_close(layer.decode(enc), single.decode(enc))
     finally:
         dist.destroy_process_group()
+
+
+def test_encode_under_autocast_bf16():
+    torch.manual_seed(18)
+    layer = sk.SimVQ(16, 400)
+    z = torch.randn(60, 16, generator=_gen(19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, idx, _ = layer(z)
+        enc = layer.encode(z)
+        with torch.no_grad():
+            _, idx_ng, _ = layer(z)
+    assert torch.equal(enc, idx_ng)
+    # picks within the bf16 criterion of the codebook of the bf16-rounded parameters
+    bf = {n: getattr(layer, n).detach().bfloat16().float() for n in ("basis", "weight", "bias")}
+    q64 = project64(bf["basis"], bf["weight"], bf["bias"])
+    zb = z.bfloat16().float()
+    d = ((zb.double() - q64[enc]) ** 2).sum(-1)
+    check_nearest(zb, q64, enc, d.float(), u=2.0**-8, check_ties=False, what="autocast")
+    assert float((enc == idx).double().mean()) > 0.9
+
+
+def test_mlp_transform_compiles():
+    """A non-linear codebook transform traces with fullgraph=True (the codebook is
+    projected in the graph) and gives eager's outputs and gradients."""
+    torch.manual_seed(20)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.SiLU(), nn.Linear(12, 8))
+    layer = sk.SimVQ(8, 90, basis_dim=6, codebook_transform=mlp, backend="chunked")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    z = torch.randn(4, 7, 8, generator=_gen(21))
+    res = []
+    for f in (layer, compiled):
+        for p in layer.parameters():
+            p.grad = None
+        zz = z.clone().requires_grad_(True)
+        out, idx, loss = f(zz)
+        (out.square().sum() + loss).backward()
+        res.append((out.detach(), idx, loss.detach(), zz.grad,
+                    [p.grad.clone() for p in layer.parameters()]))
+    (o1, i1, l1, g1, p1), (o2, i2, l2, g2, p2) = res
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(g2, g1)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(b, a)
+
+
+def test_layer_built_in_inference_mode_still_serves():
+    """Parameters created under inference_mode have no version counter: nothing is
+    cached, every call projects afresh."""
+    with torch.inference_mode():
+        layer = sk.SimVQ(8, 40)
+        z = torch.randn(10, 8, generator=_gen(22))
+        e1 = layer.encode(z)
+        layer.weight.mul_(-1.0)
+        e2 = layer.encode(z)
+    _check_picks(layer, z, e2, "inference-mode layer")
+    assert not torch.equal(e1, e2)
