@@ -183,6 +183,11 @@ def _positive_int(name, v, allow_none=False):
                          f", got {v!r}")
 
 
+def _describe(t):
+    """A tensor's shape, or the type of a non-tensor, for error messages."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class _LinearView:
     """(weight, bias) seen as the ``nn.Linear`` that other implementations hold
     (vector-quantize-pytorch's ``code_transform``, the official ``embedding_proj``):
@@ -370,8 +375,7 @@ class SimVQ(nn.Module):
             new = init_fn(self.basis.clone())
         if not isinstance(new, torch.Tensor) or new.shape != self.basis.shape:
             raise ValueError(f"`init_fn` must return a tensor of shape "
-                             f"{tuple(self.basis.shape)}, got "
-                             f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
+                             f"{tuple(self.basis.shape)}, got {_describe(new)}")
         self.basis = new.to(self.basis.dtype).detach()
 
     def _check_transform(self):
@@ -382,7 +386,7 @@ class SimVQ(nn.Module):
             raise ValueError(
                 f"`codebook_transform` must map basis rows ({probe.shape[0]}, "
                 f"{self.basis_dim}) to codes ({probe.shape[0]}, {self.dim}) row by row, got "
-                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+                f"{_describe(out)}")
 
     def reset_parameters(self):
         """nn.Linear's initialisation (the official projection is an nn.Linear)."""
@@ -810,8 +814,7 @@ class SimVQ(nn.Module):
         if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != \
                 (self.codebook_size,):
             raise RuntimeError(f"{prefix + _USAGE_KEY}: expected usage counts of shape "
-                               f"({self.codebook_size},), got "
-                               f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+                               f"({self.codebook_size},), got {_describe(counts)}")
         self._usage_counts = counts.to(device=self._usage_counts.device,
                                        dtype=torch.long).clone()
 
@@ -935,8 +938,7 @@ class ResidualSimVQ(nn.Module):
         q = self.num_quantizers
         if not isinstance(indices, torch.Tensor) or indices.dim() < 1 or \
                 indices.shape[-1] > q or (indices.shape[-1] < q and not self.quantize_dropout):
-            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else \
-                type(indices).__name__
+            got = _describe(indices)
             raise ValueError(f"`indices` must have shape (..., {q}) (one index per stage"
                              + ("; fewer stages with quantize_dropout" if self.quantize_dropout
                                 else "") + f"), got {got}")
