@@ -422,3 +422,137 @@ def test_cuda_path_traces_into_triton_kernels(monkeypatch):
     # the gather-GEMM: 7 kernel calls and no opaque op left
     assert graphs[0].count("triton_kernel_wrapper_functional(") == 7, graphs[0]
     assert "simvq_triton" not in graphs[0]
+
+
+# ------------------------------------------------------- on a GPU (compiled kernels)
+# These run the compiled kernels on CUDA tensors (skipped without a CUDA device); the
+# interpreter is switched off for them (TRITON_INTERPRET also changes how Triton's
+# compiler evaluates constexpr functions).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+CUDA_CASES = [
+    (16384, 1024, 128, torch.bfloat16, "highest"),
+    (16384, 1024, 128, torch.float32, "high"),
+    (1500, 8192, 512, torch.float32, "highest"),
+    (1500, 8192, 512, torch.bfloat16, "highest"),
+    (333, 4099, 3, torch.float16, "highest"),
+    (1, 262144, 32, torch.bfloat16, "highest"),
+    (2049, 65536, 64, torch.float32, "high"),
+    (17, 7, 129, torch.float16, "highest"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k,d,dtype,prec", CUDA_CASES,
+                         ids=[f"{n}x{k}x{d}-{str(t)[6:]}-{p}" for n, k, d, t, p in CUDA_CASES])
+def test_cuda_nearest_code(n, k, d, dtype, prec, matmul_precision, compiled_triton):
+    matmul_precision(prec)
+    g = _gen("cuda", n, k, d, str(dtype), prec)
+    z = torch.randn(n, d, generator=g).to(dtype).cuda()
+    q = (1.5 * torch.randn(k, d, generator=g)).to(dtype).cuda()
+    idx, dist = sk.nearest_code(z, q, backend="triton")
+    rows = oracle.sample_rows(n, 256)
+    oracle.check_nearest(z.cpu()[rows], q.cpu(), idx.cpu()[rows], dist.cpu()[rows],
+                         _u(dtype, prec), what=f"cuda {dtype} {prec}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,prec", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                        (torch.float32, "high"), (torch.float32, "highest")])
+def test_cuda_duplicates_tie_to_the_lowest_index(dtype, prec, matmul_precision,
+                                                 compiled_triton, monkeypatch):
+    """The tensor cores compute every code alike wherever it sits in a tile: exact
+    copies of a code in other tiles and splits must lose to the first copy."""
+    matmul_precision(prec)
+    g = _gen("cuda-dups", str(dtype), prec)
+    k, d = 5000, 128
+    q = torch.randn(k, d, generator=g)
+    pairs = ((5, 150), (5, 4999), (77, 78), (200, 201), (0, 2555), (1000, 3001))
+    for src, dst in pairs:
+        q[dst] = q[src]
+    q = q.to(dtype)
+    picks = torch.tensor([dst for _, dst in pairs] + [src for src, _ in pairs])
+    expect = torch.tensor([src for src, _ in pairs] * 2)
+    z = (q[picks].float() + 1e-3 * torch.randn(len(picks), d, generator=g)).to(dtype)
+    for split in ("1", "7", "auto"):
+        monkeypatch.setenv(SPLIT_K_ENV, split)
+        idx, dist = sk.nearest_code(z.cuda(), q.cuda(), backend="triton")
+        oracle.check_nearest(z, q, idx.cpu(), dist.cpu(), _u(dtype, prec), expect_idx=expect)
+    basis = torch.randn(k, 64, generator=g).to(dtype)
+    for src, dst in pairs:
+        basis[dst] = basis[src]
+    w = (torch.randn(d, 64, generator=g) / 8).to(dtype)
+    b = torch.randn(d, generator=g).to(dtype)
+    z2 = (oracle.project64(basis, w, b)[picks] + 1e-3).to(dtype)
+    zq, idx, dist = tops.quantize(z2.cuda(), basis.cuda(), w.cuda(), b.cuda())
+    assert torch.equal(idx.cpu(), expect)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_quantize_and_grads(dtype, compiled_triton):
+    g = _gen("cuda-q", str(dtype))
+    n, k, d, r = 4096, 16384, 128, 128
+    z = torch.randn(n, d, generator=g).to(dtype)
+    basis = torch.randn(k, r, generator=g).to(dtype)
+    weight = (torch.randn(d, r, generator=g) / math.sqrt(r)).to(dtype)
+    bias = (0.3 * torch.randn(d, generator=g)).to(dtype)
+    w, b = weight.cuda().requires_grad_(True), bias.cuda().requires_grad_(True)
+    zq, idx, dist = tops.quantize(z.cuda(), basis.cuda(), w, b)
+    rows = oracle.sample_rows(n, 256)
+    oracle.check_quantize(z[rows], basis, weight, bias, zq.detach().cpu()[rows],
+                          idx.cpu()[rows], dist.cpu()[rows], _u(dtype))
+    grad = torch.randn(n, d, generator=g).to(dtype)
+    zq.backward(grad.cuda())
+    oracle.check_grads(w.grad.cpu(), b.grad.cpu(), basis, weight, bias, idx.cpu(), grad)
+
+
+@needs_cuda
+def test_cuda_offsets_past_2_to_the_31(compiled_triton, monkeypatch):
+    """N x d and splits x N past 2^31 elements on the device (about 25 GB)."""
+    free, _ = torch.cuda.mem_get_info()
+    assert free > 40 * 2**30, "needs a GPU with 40 GiB free (H100/H200)"
+    n, d, k = 2**24 + 77, 128, 130 * 128
+    g = torch.Generator(device="cuda").manual_seed(5)
+    z = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(k, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    monkeypatch.setenv(SPLIT_K_ENV, "130")  # splits x N > 2^31 in the partial buffers
+    idx, dist = sk.nearest_code(z, q, backend="triton")
+    rows = torch.cat([oracle.sample_rows(n, 64), torch.arange(n - 64, n)])
+    oracle.check_nearest(z[rows.cuda()].cpu(), q.cpu(), idx[rows.cuda()].cpu(),
+                         dist[rows.cuda()].cpu(), _u(torch.bfloat16))
+
+
+@needs_cuda
+def test_cuda_inductor_fullgraph_matches_eager(compiled_triton):
+    torch.manual_seed(3)
+    layer = sk.SimVQ(128, 4096, backend="triton").cuda()
+    z = torch.randn(8, 256, 128, device="cuda")
+    compiled = torch.compile(copy.deepcopy(layer), fullgraph=True)
+    out_c, idx_c, loss_c = compiled(z)
+    out_e, idx_e, loss_e = layer(z)
+    assert torch.equal(idx_c, idx_e)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(loss_c, loss_e)
+
+
+@needs_cuda
+def test_cuda_graph_capture(compiled_triton):
+    """No autotuning, no host synchronisation: the ops can be captured in a CUDA graph."""
+    z = torch.randn(1000, 64, device="cuda")
+    q = torch.randn(5000, 64, device="cuda")
+    idx0, dist0 = tops.nearest_code(z, q)  # compiles the kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx, dist = tops.nearest_code(z, q)
+    z.copy_(torch.randn(1000, 64, device="cuda"))
+    graph.replay()
+    idx_e, dist_e = tops.nearest_code(z, q)
+    assert torch.equal(idx, idx_e) and torch.equal(dist, dist_e)

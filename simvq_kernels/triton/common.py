@@ -103,6 +103,11 @@ def launch(k: TritonKernel, grid, *args, device: torch.device, **kwargs):
         with _interpreted_stdlib():
             k.interpreted[grid](*args, **kwargs)
         return
+    if (device.index is not None and torch.cuda.is_available()
+            and device.index != torch.cuda.current_device()):
+        with torch.cuda.device(device.index):  # Triton launches on the current device
+            torch.library.wrap_triton(k.jit)[grid](*args, **kwargs)
+        return
     torch.library.wrap_triton(k.jit)[grid](*args, **kwargs)
 
 

@@ -46,7 +46,7 @@ row_sqnorm_kernel = kernel(_row_sqnorm_kernel)
 def sqnorm_config(interpreted: bool):
     if interpreted:
         return cfg(BLOCK_M=64, BLOCK_D=64)
-    return cfg(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_D=64)
+    return cfg(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_D=32)
 
 
 def row_sqnorm(x: torch.Tensor) -> torch.Tensor:
