@@ -258,6 +258,31 @@ def test_autograd_through_quantize(backend, dtype):
                        bias.detach().cpu(), idx.cpu(), g.cpu(), what=f"{backend} seed={s}")
 
 
+def test_cuda_float64():
+    """float64 on the 'cuda' backend: its own CUDA-core path (no tensor cores)."""
+    if _backends.BACKENDS["cuda"].install_problem() is not None:
+        pytest.fail(_backends.BACKENDS["cuda"].install_problem())
+    s = _seed()
+    dt = torch.float64
+    for n, k, d, r in [(1, 1, 1, 1), (77, 513, 129, 33), (300, 70001, 16, 16), (5, 9, 0, 4)]:
+        what = f"cuda float64 {(n, k, d, r)} seed={s}"
+        z = _randn(n, d, dtype=dt)
+        cb = _randn(k, d, dtype=dt)
+        idx, dist = sk.nearest_code(z, cb, backend="cuda")
+        assert dist.dtype == torch.float64
+        oracle.check_nearest(z.cpu(), cb.cpu(), idx.cpu(), dist.cpu(), _u(dt), what=what)
+        basis = _randn(k, r, dtype=dt) * r ** -0.5
+        weight = _randn(d, r, dtype=dt)
+        bias = _randn(d, dtype=dt)
+        out = ops.quantize(z, basis, weight, bias, backend="cuda")
+        oracle.check_quantize(z.cpu(), basis.cpu(), weight.cpu(), bias.cpu(), out.zq.cpu(),
+                              out.indices.cpu(), out.distances.cpu(), _u(dt), what=what)
+        g = _randn(n, d, dtype=dt)
+        dW, db = _backends.BACKENDS["cuda"].quantize_backward(g, basis, out.indices, weight)
+        oracle.check_grads(dW.cpu(), db.cpu(), basis.cpu(), weight.cpu(), bias.cpu(),
+                           out.indices.cpu(), g.cpu(), what=what)
+
+
 # -------------------------------------------------------------------- bad input
 
 def test_bad_input_names_the_argument(backend):
@@ -289,8 +314,6 @@ def test_cuda_ops_check_their_arguments():
         torch.ops.simvq.nearest_code(z[0], cb)
     with pytest.raises(RuntimeError, match="`codebook`"):
         torch.ops.simvq.nearest_code(z, cb.half())
-    with pytest.raises(RuntimeError, match="float64"):
-        torch.ops.simvq.nearest_code(z.double(), cb.double())
     w = _randn(8, 4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="`weight`"):
         torch.ops.simvq.quantize(z, _randn(20, 5, dtype=torch.float32), w, None)

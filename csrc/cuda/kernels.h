@@ -69,5 +69,17 @@ cudaError_t launch_backward_partials(Mma mode, const void* g, int64_t ldg, const
 cudaError_t launch_backward_finalize(const float* part, int splits, int64_t d, int64_t r,
                                      int out_dtype, void* dW, void* db, cudaStream_t stream);
 
+// float64 (csrc/cuda/float64.cu, CUDA cores): the whole search (norms into qn (K),
+// splits as above with double partials, then idx and dist = max(0, ||z||^2 + best)),
+// and the projection q (K x d, contiguous) = basis (K x r) weight (d x r)^T + bias.
+// Row strides in elements; d or r may be 0.
+cudaError_t launch_search_f64(const double* z, int64_t ldz, const double* cb, int64_t ldc,
+                              int64_t N, int64_t K, int64_t d, double* qn, int splits,
+                              int64_t codes_per_split, double* part_val, int32_t* part_idx,
+                              int64_t* idx, double* dist, cudaStream_t stream);
+cudaError_t launch_project_f64(const double* basis, int64_t ldb, const double* weight,
+                               int64_t ldw, int64_t K, int64_t d, int64_t r,
+                               const double* bias, double* q, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace simvq

@@ -2,9 +2,10 @@
 //
 // Argument checks, operand preparation (contiguous rows, zero-padded to the kernels'
 // 64-byte chunk where needed), allocation through PyTorch's caching allocator, the
-// current stream and a device guard; the kernels are in nearest_code.cu and
-// quantize_backward.cu. No host synchronisation anywhere, so the ops can be captured
-// in a CUDA graph.
+// current stream and a device guard; the kernels are in nearest_code.cu, project.cu,
+// quantize_backward.cu (tensor cores: bf16, fp16, fp32 as tf32 or 3xTF32) and
+// float64.cu (float64 on CUDA cores). No host synchronisation anywhere, so the ops
+// can be captured in a CUDA graph.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,9 +30,9 @@ Mma mma_mode(at::ScalarType t, bool allow_tf32) {
     case at::kBFloat16: return Mma::kBF16;
     case at::kHalf: return Mma::kFP16;
     case at::kFloat: return allow_tf32 ? Mma::kTF32 : Mma::kTF32x3;
-    default:
-      SIMVQ_CHECK(false, "the CUDA kernels support bfloat16, float16 and float32 inputs, got ",
-                  t, "; use backend='cpu' or 'reference' for float64");
+    default:  // float64 has its own path (float64.cu); nothing else reaches here
+      SIMVQ_CHECK(false, "the CUDA tensor-core kernels take bfloat16, float16 or float32, got ",
+                  t);
   }
   return Mma::kTF32x3;
 }
@@ -86,18 +87,54 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 129 are supported");
 }
 
+// Splits of the code range so that about two blocks per SM run when the token tiles
+// alone do not fill the GPU (the result does not depend on the split): (splits, codes
+// per split, a multiple of `tile`).
+std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int device) {
+  const int64_t tiles_m = (N + tile - 1) / tile;
+  const int64_t tiles_k = (K + tile - 1) / tile;
+  const int64_t target = 2 * int64_t(multiprocessor_count(device));
+  int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t per = (tiles_k + splits - 1) / splits * tile;
+  return {(K + per - 1) / per, per};
+}
+
+// Row-major rows with unit column stride (a copy only when needed).
+at::Tensor unit_stride_rows(const at::Tensor& x) {
+  return (x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(x.size(1), 1)) ? x : x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> search_f64(const at::Tensor& z_in, const at::Tensor& cb_in,
+                                              at::Tensor idx, at::Tensor dist) {
+  const at::Tensor z = unit_stride_rows(z_in), cb = unit_stride_rows(cb_in);
+  const int64_t N = z.size(0), K = cb.size(0), d = z.size(1);
+  const auto [splits, per] = code_splits(N, K, 64, z.get_device());
+  at::Tensor qn = at::empty({K}, z.options());
+  at::Tensor part_val = at::empty({splits, N}, z.options());
+  at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cuda::launch_search_f64(
+      z.data_ptr<double>(), z.stride(0), cb.data_ptr<double>(), cb.stride(0), N, K, d,
+      qn.data_ptr<double>(), int(splits), per, part_val.data_ptr<double>(),
+      part_idx.data_ptr<int32_t>(), idx.data_ptr<int64_t>(), dist.data_ptr<double>(),
+      c10::cuda::getCurrentCUDAStream().stream()));
+  return {idx, dist};
+}
+
 // The search on a codebook already in z's dtype (checked, on z's device).
 std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tensor& cb_in) {
-  const Mma mode = mma_mode(z_in.scalar_type(), fp32_allows_tf32());
+  const bool f64 = z_in.scalar_type() == at::kDouble;
   const int64_t N = z_in.size(0), K = cb_in.size(0), d = z_in.size(1);
   at::Tensor idx = at::empty({N}, z_in.options().dtype(at::kLong));
-  at::Tensor dist = at::empty({N}, z_in.options().dtype(at::kFloat));
+  at::Tensor dist = at::empty({N}, z_in.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (N == 0) return {idx, dist};
   if (d == 0) {  // every code is at distance 0: the lowest index wins
     idx.zero_();
     dist.zero_();
     return {idx, dist};
   }
+  if (f64) return search_f64(z_in, cb_in, idx, dist);
+  const Mma mode = mma_mode(z_in.scalar_type(), fp32_allows_tf32());
   // (a codebook that is already padded, as quantize's projection writes it, is used as is)
   const at::Tensor z = chunk_rows(z_in);
   const at::Tensor cb = chunk_rows(cb_in);
@@ -108,15 +145,7 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
   at::Tensor qn = at::empty({K}, z.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::launch_code_norms(mode, cb.data_ptr(), K, ld, qn.data_ptr<float>(),
                                          stream));
-  // Split the codes over blocks when the token tiles alone do not fill the GPU (two
-  // blocks per SM). The result does not depend on the split.
-  const int64_t tiles_m = (N + cuda::kTileM - 1) / cuda::kTileM;
-  const int64_t tiles_k = (K + cuda::kTileN - 1) / cuda::kTileN;
-  const int64_t target = 2 * int64_t(multiprocessor_count(z.get_device()));
-  int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t codes_per_split = (tiles_k + splits - 1) / splits * cuda::kTileN;
-  splits = (K + codes_per_split - 1) / codes_per_split;
+  const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, z.get_device());
 
   at::Tensor part_val = at::empty({splits, N}, z.options().dtype(at::kFloat));
   at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
@@ -168,8 +197,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
     SIMVQ_CHECK(b.size(0) == z.size(1), "`bias` must have d=", z.size(1), " elements, got ",
                 b.size(0));
   }
-  const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32());  // rejects float64
   const c10::cuda::CUDAGuard guard(z.device());
+  if (z.scalar_type() == at::kDouble) {  // CUDA cores, one DFMA per term in k order
+    const at::Tensor B = basis.contiguous(), W = weight.contiguous();
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    at::Tensor q = at::empty({basis.size(0), z.size(1)}, z.options());
+    C10_CUDA_CHECK(cuda::launch_project_f64(
+        B.data_ptr<double>(), B.size(1), W.data_ptr<double>(), W.size(1), B.size(0),
+        z.size(1), B.size(1), b.defined() ? b.data_ptr<double>() : nullptr,
+        q.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()));
+    auto [idx, dist] = search(z, q);
+    at::Tensor zq = q.index_select(0, idx);
+    return {zq, idx, dist};
+  }
+  const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32());
   // The implicit codebook Q = B W^T + b (K x d, never N x K), formed by our own
   // tensor-core kernel (position-independent rounding: identical basis rows give
   // identical codes) with fp32 accumulation and rounded once to z's dtype; the search
@@ -213,9 +254,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   SIMVQ_CHECK_SAME_DEVICE(indices, weight);
   check_cuda(weight, "weight");
   const at::ScalarType wt = weight.scalar_type();
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (wt == at::kDouble) {  // a gather of N x r rows (never K x d) and cuBLAS DGEMM
+    const at::Tensor g = grad_zq.to(wt);
+    at::Tensor dW = at::mm(g.t(), basis.to(wt).index_select(0, indices));
+    at::Tensor db = g.sum(0);
+    return {dW, db};
+  }
   // fp32 gradients always use 3xTF32 (about fp32 accuracy), like the 'triton' backend.
   const Mma mode = mma_mode(wt, false);
-  const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor g = grad_zq.to(wt).contiguous();
   const at::Tensor B = basis.to(wt).contiguous();
   const at::Tensor ix = indices.contiguous();
