@@ -83,10 +83,9 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   const int64_t total = ntiles * nchunks;
 
   // chunk c of code tile `tile` into a stage
-  auto load = [&](int64_t it, int stage) {
-    const int64_t tile = it / nchunks, c = it - tile * nchunks;
-    load_chunk_async(As[stage], Bs[stage], z, m0, N, cb, kbeg + tile * kTileN, kend, row_bytes,
-                     c, tid);
+  auto load = [&](int32_t tile, int32_t c, int stage) {
+    load_chunk_async(As[stage], Bs[stage], z, m0, N, cb, kbeg + int64_t(tile) * kTileN, kend,
+                     row_bytes, c, tid);
   };
 
   float best_v[kMF][2];
@@ -101,10 +100,12 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
 
   float acc[kMF][kNF][4];
   float qv[kNF][2];
-  if (total > 0) load(0, 0);
+  if (total > 0) load(0, 0, 0);
+  int32_t tile = 0, c = 0;  // iteration it = tile * nchunks + c (both < 2^31)
+  const int32_t nchunks32 = int32_t(nchunks);
   for (int64_t it = 0; it < total; ++it) {
-    const int64_t tile = it / nchunks, c = it - tile * nchunks;
-    const int64_t col0 = kbeg + tile * kTileN + wn * kWarpN + 2 * t;
+    const bool last_chunk = c + 1 == nchunks32;
+    const int64_t col0 = kbeg + int64_t(tile) * kTileN + wn * kWarpN + 2 * t;
     if (c == 0) {
 #pragma unroll
       for (int mf = 0; mf < kMF; ++mf)
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
         }
     }
     if (it + 1 < total) {
-      load(it + 1, int((it + 1) & 1));
+      load(last_chunk ? tile + 1 : tile, last_chunk ? 0 : c + 1, int((it + 1) & 1));
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
     __syncthreads();
     mma_chunk<M>(As[it & 1], Bs[it & 1], acc, wm, wn, lane);
     __syncthreads();
-    if (c == nchunks - 1) {
+    if (last_chunk) {
       // fold the tile into the running best; per row slot, columns in increasing order
 #pragma unroll
       for (int mf = 0; mf < kMF; ++mf)
@@ -144,6 +145,10 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
               best_i[mf][h] = int32_t(col0 + nf * 8 + (e & 1));
             }
           }
+      ++tile;
+      c = 0;
+    } else {
+      ++c;
     }
   }
 
