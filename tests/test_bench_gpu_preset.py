@@ -195,10 +195,11 @@ def test_run_sh_dry_run(tmp_path):
     preset's logic on tiny shapes on the CPU): stages, budget, files, summary, and the
     sweep, precision modes, memory case, ceilings and reports of the bench."""
     out = tmp_path / "dev"
-    env = dict(os.environ, OUT=str(out), DRY_RUN="1", BUDGET="400",
+    # a generous budget: the stage logic is under test, not this machine's speed
+    env = dict(os.environ, OUT=str(out), DRY_RUN="1", BUDGET="1000", CAP_BENCH="900",
                DRY_BACKENDS="cpu", DRY_PEERS="none", PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu", "run.sh")],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=1100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for f in ("run.log", "gpu.md", "gpu.csv", "gpu.png", "gpu-accuracy.csv"):
         assert (out / f).stat().st_size > 0, f
