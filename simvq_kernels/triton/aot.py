@@ -91,7 +91,7 @@ def _search_builds():
                    "stride_zn": "i32", "stride_zd": "constexpr", "stride_qk": "i32",
                    "stride_qd": "constexpr"}
             ce = dict(stride_zd=1, stride_qd=1, INPUT_PRECISION=prec, UPCAST=False,
-                      EMULATE_TF32=False, USE_DOT=True, **c.constexprs())
+                      USE_DOT=True, **c.constexprs())
             sig.update({k: "constexpr" for k in ce if k not in sig})
             where = f"d<={max_d}" if max_d else "d>128" if tc else "d>16"
             rows.append(Build("nearest_code", label, f"{where} {c.label()}", tc, sig, ce,

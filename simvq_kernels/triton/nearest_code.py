@@ -14,7 +14,8 @@ exact duplicate codes give bit-identical values and the strict '<' / lowest-inde
 send ties, duplicates included, to the lowest index, without a duplicate map.
 
 Precision: float32 inputs follow ``torch.get_float32_matmul_precision()`` ("highest":
-exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products);
+exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products of
+operands rounded to the nearest tf32 value first);
 bf16/fp16 inputs multiply exactly into fp32 on tensor cores. ||q||^2 is always of the
 stored fp32 values (the rounding of a tf32 product is a product error, covered by
 design.md §3's 4u ||z|| ||Q||). float64 is not served (the registry sends it elsewhere).
@@ -39,7 +40,7 @@ def _nearest_code_kernel(
     stride_zn, stride_zd, stride_qk, stride_qd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EMULATE_TF32: tl.constexpr, USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -55,8 +56,6 @@ def _nearest_code_kernel(
                      mask=n_mask[:, None] & (offs_d < D)[None, :], other=0.0)
         if UPCAST:
             zt = zt.to(tl.float32)
-        if EMULATE_TF32:  # the interpreter multiplies exactly: round like cvt.rna.tf32
-            zt = ((zt.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
 
     best_val = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32) + k_begin
@@ -69,8 +68,6 @@ def _nearest_code_kernel(
                         mask=k_mask[None, :] & (offs_d < D)[:, None], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            if EMULATE_TF32:
-                q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
             if USE_DOT:
                 acc = tl.dot(zt, q, input_precision=INPUT_PRECISION)
             else:  # the interpreter: sequential sums over d, alike for every code
@@ -87,11 +84,6 @@ def _nearest_code_kernel(
                 if UPCAST:  # exact: bf16/fp16 values are fp32 values
                     z = z.to(tl.float32)
                     q = q.to(tl.float32)
-                if EMULATE_TF32:
-                    z = ((z.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32,
-                                                                              bitcast=True)
-                    q = ((q.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32,
-                                                                              bitcast=True)
                 if USE_DOT:
                     acc = tl.dot(z, q, acc, input_precision=INPUT_PRECISION)
                 else:
@@ -183,6 +175,13 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
     interpreted = dev.type == "cpu"
     if qn is None:
         qn = row_sqnorm(codebook)
+    zs, qs = z, codebook
+    if prec == "tf32":
+        # the tensor cores read the top 19 bits of an fp32 operand (truncation, up to
+        # 2^-10 relative); rounding both operands to the nearest tf32 value first makes
+        # every product err by at most u = 2^-11 per operand, as design.md §3 assumes.
+        # The interpreter multiplies these tf32 values exactly, like the tensor cores.
+        zs, qs = round_to_tf32(z), round_to_tf32(codebook)
     c = config or search_config(d, z.dtype, prec, interpreted)
     blocks = c.constexprs()
     if blocks["SINGLE_D"] and d > blocks["BLOCK_D"]:
@@ -195,12 +194,11 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
     val = torch.empty((s, n), dtype=torch.float32, device=dev)
     idx = torch.empty((s, n), dtype=torch.int32, device=dev)
     launch(nearest_code_kernel, (n_tiles, s),
-           z, codebook, qn, val, idx, n, k, d, k_per_split,
-           z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+           zs, qs, qn, val, idx, n, k, d, k_per_split,
+           zs.stride(0), zs.stride(1), qs.stride(0), qs.stride(1),
            INPUT_PRECISION=("ieee" if interpreted else prec),
            # the interpreter mis-multiplies bf16 in tl.dot: widen there (exact)
            UPCAST=(interpreted and z.dtype != torch.float32),
-           EMULATE_TF32=(interpreted and prec == "tf32"),
            # the interpreter's tl.dot is numpy.matmul, whose BLAS may round a column
            # differently by its position in the tile: exact duplicates would not tie
            USE_DOT=not interpreted,
@@ -213,3 +211,10 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
         best, pick = val[0], idx[0]
     dist = (row_sqnorm(z) + best).clamp_min(0)
     return pick.long(), dist
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest tf32 value (10 explicit mantissa bits, ties away from zero,
+    like cvt.rna.tf32.f32), as fp32. Finite inputs (validated by the caller)."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
