@@ -158,6 +158,11 @@ def cpu_kernel_config() -> str:
         return f"unreadable ({type(e).__name__}: {e})"
     if not isinstance(cfg, dict):
         return str(cfg)
+    if cfg.get("summary"):  # the extension's own one-line description
+        extra = [f"{k.replace('_from', '')} from {cfg[k]}" for k in ("isa_from", "tile_from")
+                 if cfg.get(k)]
+        small = cfg.get("small_d_path")
+        return cfg["summary"] + "".join(f"; {x}" for x in extra + ([small] if small else []))
     parts = []
     isa = cfg.get("isa")
     if isa:
