@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .checks import CheckResult, check_output, check_rows_for, mode_roundoff
+from .checks import CheckResult, check_output, mode_roundoff
 from .inputs import make_inputs
 from .presets import MODES, Case, Shape
 
