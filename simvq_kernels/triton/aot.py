@@ -219,10 +219,17 @@ def compile_all(archs=ARCHS, jobs: int | None = None) -> list[BuildResult]:
     fast)."""
     todo = builds(archs)
     jobs = jobs or min(4, os.cpu_count() or 1)
-    if jobs <= 1:
-        return [compile_build(b) for b in todo]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_build, todo))
+    # TRITON_INTERPRET also changes how the compiler evaluates constexpr functions:
+    # compile as a GPU process would (the workers inherit the environment)
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        if jobs <= 1:
+            return [compile_build(b) for b in todo]
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(compile_build, todo))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def format_table(results: list[BuildResult]) -> str:

@@ -127,8 +127,13 @@ class Config:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def label(self) -> str:
-        b = "x".join(str(v) for _, v in self.blocks)
-        return f"{b} w{self.num_warps} s{self.num_stages}"
+        """e.g. "128x64x16 whole-d w4 s3": the block sizes in argument order (for the
+        search BLOCK_N x BLOCK_K x BLOCK_D), warps and pipeline stages."""
+        sizes = "x".join(str(v) for _, v in self.blocks if not isinstance(v, bool))
+        flags = [("whole-d" if v else "d-loop") if name == "SINGLE_D" else
+                 (name.lower() if v else "") for name, v in self.blocks if isinstance(v, bool)]
+        return " ".join([sizes, *[f for f in flags if f], f"w{self.num_warps}",
+                         f"s{self.num_stages}"])
 
 
 def cfg(num_warps=4, num_stages=3, **blocks) -> Config:
