@@ -417,7 +417,7 @@ LAYER_ROWS = [
     ("indices_out_of_range", False, None,
      lambda L: L.indices_to_codes(torch.tensor([0, 33])), ValueError, r"`indices` must lie in"),
     ("indices_negative", False, None,
-     lambda L: L.indices_to_codes(torch.tensor([-1])), ValueError, r"`indices` must lie in"),
+     lambda L: L.indices_to_codes(torch.tensor([-2])), ValueError, r"`indices` must lie in"),
     ("indices_float", False, None,
      lambda L: L.indices_to_codes(torch.tensor([0.0])), TypeError, r"`indices`"),
 ]
