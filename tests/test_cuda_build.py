@@ -1,9 +1,10 @@
 """The CUDA kernels' machine code, read from the installed extension without a GPU.
 
 The extension's fatbinary is read with ``cuobjdump`` (the copy Triton ships): the
-search, projection and backward kernels exist for sm_80 and sm_90a in every mode
-(bf16, fp16, tf32, 3xTF32), use the tensor cores (HMMA), and no kernel has local
-memory (no spills, no stack arrays); sm_80 PTX is embedded for newer GPUs.
+search and backward kernels exist for sm_80 and sm_90a in every mode (bf16, fp16,
+tf32, 3xTF32) and the projection in bf16/fp16, all using the tensor cores (HMMA); the
+CUDA-core kernels (float64, the fp32 projection) exist too; no kernel has local memory
+(no spills, no stack arrays); sm_80 PTX is embedded for newer GPUs.
 
 This test builds nothing. When the installed extension has no CUDA kernels it skips,
 saying why, unless CI is set and a CUDA toolkit and a CUDA build of torch are both
@@ -102,6 +103,10 @@ def test_build_info_records_the_cuda_build(extension_path):
 @pytest.mark.parametrize("kernel", MMA_KERNELS)
 @pytest.mark.parametrize("mode", MODES)
 def test_tensor_core_kernel_present(kernels, arch, kernel, mode):
+    if kernel == "project_kernel" and mode not in ("bf16", "fp16"):
+        # fp32 projections run on CUDA cores (exact fp32 accumulation): none built
+        assert not _find(kernels, arch, kernel, mode)
+        return
     found = _find(kernels, arch, kernel, mode)
     assert len(found) == 1, (f"{kernel}<{mode}> for {arch}: found {len(found)}; "
                              f"archs present: {sorted({r.arch for r in kernels})}")
@@ -131,8 +136,11 @@ def test_every_kernel_built_for_both_archs(kernels):
         assert by_arch[a], f"no kernel for {a}: {sorted({r.arch for r in kernels})}"
     assert by_arch["sm_80"] == by_arch["sm_90a"]
     names = _demangle(sorted(by_arch["sm_80"]))
-    for kernel in ("code_norms_kernel", "finalize_kernel", "backward_finalize_kernel"):
+    for kernel in ("code_norms_kernel", "finalize_kernel", "backward_finalize_kernel",
+                   "project_simt_kernel"):
         assert any(f"::{kernel}<" in n for n in names.values()), kernel
+    for kernel in ("search_f64_kernel", "norms_f64_kernel", "finalize_f64_kernel"):
+        assert any(f"::{kernel}(" in n for n in names.values()), kernel
 
 
 def test_ptx_for_newer_gpus(extension_path):

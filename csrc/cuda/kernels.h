@@ -28,7 +28,7 @@ constexpr int kChunkBytes = 64;
 // fp32, one rounding to the inputs' dtype) for k < K, j < d, and 0 for d <= j < ldq.
 // basis: K x ldr, weight: d x ldr (ldr a multiple of the 64-byte chunk, zero-padded,
 // 16-byte aligned rows); bias: d elements or nullptr; q: K x ldq. Same element type for
-// all (bf16, fp16 or fp32 by mode).
+// all: bf16 or fp16 (kBF16 / kFP16; other modes return cudaErrorInvalidValue).
 cudaError_t launch_project(Mma mode, const void* basis, const void* weight, int64_t K,
                            int64_t d, int64_t ldr, const void* bias, void* q, int64_t ldq,
                            cudaStream_t stream);
@@ -69,17 +69,22 @@ cudaError_t launch_backward_partials(Mma mode, const void* g, int64_t ldg, const
 cudaError_t launch_backward_finalize(const float* part, int splits, int64_t d, int64_t r,
                                      int out_dtype, void* dW, void* db, cudaStream_t stream);
 
-// float64 (csrc/cuda/float64.cu, CUDA cores): the whole search (norms into qn (K),
-// splits as above with double partials, then idx and dist = max(0, ||z||^2 + best)),
-// and the projection q (K x d, contiguous) = basis (K x r) weight (d x r)^T + bias.
-// Row strides in elements; d or r may be 0.
+// float64 (csrc/cuda/simt.cu, CUDA cores): the whole search (norms into qn (K), splits
+// as above with double partials, then idx and dist = max(0, ||z||^2 + best)).
 cudaError_t launch_search_f64(const double* z, int64_t ldz, const double* cb, int64_t ldc,
                               int64_t N, int64_t K, int64_t d, double* qn, int splits,
                               int64_t codes_per_split, double* part_val, int32_t* part_idx,
                               int64_t* idx, double* dist, cudaStream_t stream);
+// The projection on CUDA cores, one FMA per term in k order (float64, and float32 at
+// fp32 accuracy): q[k][j] = basis[k] . weight[j] + bias[j] for j < d, 0 for d <= j < ldq.
+// basis K x r, weight d x r (row strides ldb, ldw), bias d elements or nullptr.
 cudaError_t launch_project_f64(const double* basis, int64_t ldb, const double* weight,
                                int64_t ldw, int64_t K, int64_t d, int64_t r,
-                               const double* bias, double* q, cudaStream_t stream);
+                               const double* bias, double* q, int64_t ldq,
+                               cudaStream_t stream);
+cudaError_t launch_project_f32(const float* basis, int64_t ldb, const float* weight,
+                               int64_t ldw, int64_t K, int64_t d, int64_t r, const float* bias,
+                               float* q, int64_t ldq, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace simvq

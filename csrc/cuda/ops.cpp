@@ -3,8 +3,8 @@
 // Argument checks, operand preparation (contiguous rows, zero-padded to the kernels'
 // 64-byte chunk where needed), allocation through PyTorch's caching allocator, the
 // current stream and a device guard; the kernels are in nearest_code.cu, project.cu,
-// quantize_backward.cu (tensor cores: bf16, fp16, fp32 as tf32 or 3xTF32) and
-// float64.cu (float64 on CUDA cores). No host synchronisation anywhere, so the ops
+// quantize_backward.cu (tensor cores: bf16, fp16, fp32 as tf32 or 3xTF32) and simt.cu
+// (CUDA cores: float64, and the fp32 projection). No host synchronisation anywhere, so the ops
 // can be captured in a CUDA graph.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,7 +30,7 @@ Mma mma_mode(at::ScalarType t, bool allow_tf32) {
     case at::kBFloat16: return Mma::kBF16;
     case at::kHalf: return Mma::kFP16;
     case at::kFloat: return allow_tf32 ? Mma::kTF32 : Mma::kTF32x3;
-    default:  // float64 has its own path (float64.cu); nothing else reaches here
+    default:  // float64 has its own path (simt.cu); nothing else reaches here
       SIMVQ_CHECK(false, "the CUDA tensor-core kernels take bfloat16, float16 or float32, got ",
                   t);
   }
@@ -205,26 +205,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
     C10_CUDA_CHECK(cuda::launch_project_f64(
         B.data_ptr<double>(), B.size(1), W.data_ptr<double>(), W.size(1), B.size(0),
         z.size(1), B.size(1), b.defined() ? b.data_ptr<double>() : nullptr,
-        q.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()));
+        q.data_ptr<double>(), z.size(1), c10::cuda::getCurrentCUDAStream().stream()));
     auto [idx, dist] = search(z, q);
     at::Tensor zq = q.index_select(0, idx);
     return {zq, idx, dist};
   }
   const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32());
-  // The implicit codebook Q = B W^T + b (K x d, never N x K), formed by our own
-  // tensor-core kernel (position-independent rounding: identical basis rows give
-  // identical codes) with fp32 accumulation and rounded once to z's dtype; the search
-  // multiplies exactly these values and zq is gathered from them.
+  // The implicit codebook Q = B W^T + b (K x d, never N x K), formed by our own kernels
+  // (position-independent rounding: identical basis rows give identical codes) with
+  // fp32 accumulation, rounded once to z's dtype and zero-padded to the search's chunk;
+  // the search multiplies exactly these values and zq is gathered from them. bf16/fp16:
+  // tensor cores (exact products); fp32: CUDA-core FMAs, exact to fp32 accumulation
+  // whatever torch's fp32 matmul precision (which governs the search only).
   const int64_t K = basis.size(0), d = z.size(1);
-  const at::Tensor B = chunk_rows(basis);
-  const at::Tensor W = chunk_rows(weight);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t per_chunk = cuda::kChunkBytes / int64_t(z.element_size());
   const int64_t ldq = std::max<int64_t>(per_chunk, (d + per_chunk - 1) / per_chunk * per_chunk);
   at::Tensor q = at::empty({K, ldq}, z.options());
-  C10_CUDA_CHECK(cuda::launch_project(mode, B.data_ptr(), W.data_ptr(), K, d, B.size(1),
-                                      b.defined() ? b.data_ptr() : nullptr, q.data_ptr(), ldq,
-                                      c10::cuda::getCurrentCUDAStream().stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (z.scalar_type() == at::kFloat) {
+    const at::Tensor B = unit_stride_rows(basis), W = unit_stride_rows(weight);
+    C10_CUDA_CHECK(cuda::launch_project_f32(
+        B.data_ptr<float>(), B.stride(0), W.data_ptr<float>(), W.stride(0), K, d, B.size(1),
+        b.defined() ? b.data_ptr<float>() : nullptr, q.data_ptr<float>(), ldq, stream));
+  } else {
+    const at::Tensor B = chunk_rows(basis), W = chunk_rows(weight);
+    C10_CUDA_CHECK(cuda::launch_project(mode, B.data_ptr(), W.data_ptr(), K, d, B.size(1),
+                                        b.defined() ? b.data_ptr() : nullptr, q.data_ptr(),
+                                        ldq, stream));
+  }
   auto [idx, dist] = search(z, q);
   q = q.narrow(1, 0, d);
   at::Tensor zq = q.index_select(0, idx);

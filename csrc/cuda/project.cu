@@ -1,4 +1,5 @@
-// simvq-kernels: the SimVQ projection Q = B W^T + b on CUDA tensor cores (mma.sync).
+// simvq-kernels: the SimVQ projection Q = B W^T + b on CUDA tensor cores (mma.sync),
+// for bf16/fp16 inputs (exact products, fp32 accumulation; fp32 inputs use simt.cu).
 //
 // The codebook is projected by this kernel rather than by cuBLAS because every element
 // is then formed by the same instructions in the same order whatever its position:
@@ -33,14 +34,6 @@ struct Out<Mma::kFP16> {
   static __device__ __forceinline__ float load(const T* p, int64_t i) { return __half2float(p[i]); }
   static __device__ __forceinline__ T conv(float x) { return __float2half_rn(x); }
 };
-template <>
-struct Out<Mma::kTF32> {
-  using T = float;
-  static __device__ __forceinline__ float load(const T* p, int64_t i) { return p[i]; }
-  static __device__ __forceinline__ T conv(float x) { return x; }
-};
-template <>
-struct Out<Mma::kTF32x3> : Out<Mma::kTF32> {};
 
 template <class Mode>
 __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::kMode == Mma::kFP16) ? 2 : 1)
@@ -119,13 +112,8 @@ cudaError_t launch_project(Mma mode, const void* basis, const void* weight, int6
     case Mma::kFP16:
       project_kernel<mode::fp16><<<grid, kThreads, 0, stream>>>(b, w, K, d, row_bytes, bias, q, ldq);
       break;
-    case Mma::kTF32:
-      project_kernel<mode::tf32><<<grid, kThreads, 0, stream>>>(b, w, K, d, row_bytes, bias, q, ldq);
-      break;
-    case Mma::kTF32x3:
-      project_kernel<mode::tf32x3><<<grid, kThreads, 0, stream>>>(b, w, K, d, row_bytes, bias, q,
-                                                                  ldq);
-      break;
+    default:  // fp32 projections use the CUDA-core kernel (simt.cu)
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -1,11 +1,15 @@
-// simvq-kernels: the float64 path of the CUDA backend (CUDA cores, no tensor cores).
+// simvq-kernels: CUDA-core (no tensor core) kernels: the float64 path of the CUDA
+// backend, and the exact-fp32 projection.
 //
-// A simple tiled FP64 kernel family for the rare float64 inputs (e.g. magnitudes that
-// float32 cannot hold): 64 x 64 output tiles per block of 16 x 16 threads, 4 x 4
+// A simple tiled kernel family: 64 x 64 output tiles per block of 16 x 16 threads, 4 x 4
 // outputs per thread, the reduction dimension in chunks of 16 through shared memory.
-// Every output is a sum in increasing k with one DFMA per term, whatever its position,
+// Every output is a sum in increasing k with one FMA per term, whatever its position,
 // so identical rows give identical values (ties: lowest index), and the search keeps a
 // running (min, argmin) per token exactly as the tensor-core kernels do.
+//
+// float32 projections use this kernel too (not tf32 tensor cores, whatever torch's fp32
+// matmul precision): the codebook is then exact to fp32 accumulation, as on the CPU,
+// and it costs K*r*d FMAs, small next to the search's N*K*d when N >> r.
 #include <climits>
 #include <cstdint>
 
@@ -19,25 +23,25 @@ constexpr int kT = 64, kKc = 16, kThr = 256;
 
 // acc[i][j] += sum over k in [k0, k0 + 16) of A[m0 + ty + 16 i][k] * B[n0 + tx + 16 j][k]
 // (rows beyond m_end / n_end and columns beyond kdim read as 0).
-__device__ __forceinline__ void f64_chunk(double (&As)[kT][kKc + 1], double (&Bs)[kT][kKc + 1],
-                                          const double* __restrict__ a, int64_t lda,
-                                          int64_t m0, int64_t m_end,
-                                          const double* __restrict__ b, int64_t ldb, int64_t n0,
-                                          int64_t n_end, int64_t k0, int64_t kdim,
-                                          double (&acc)[4][4]) {
+template <typename T>
+__device__ __forceinline__ void simt_chunk(T (&As)[kT][kKc + 1], T (&Bs)[kT][kKc + 1],
+                                           const T* __restrict__ a, int64_t lda, int64_t m0,
+                                           int64_t m_end, const T* __restrict__ b, int64_t ldb,
+                                           int64_t n0, int64_t n_end, int64_t k0, int64_t kdim,
+                                           T (&acc)[4][4]) {
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int e = tid + kThr * q, row = e / kKc, col = e % kKc;
     const int64_t k = k0 + col;
     const int64_t am = m0 + row, bn = n0 + row;
-    As[row][col] = (am < m_end && k < kdim) ? a[am * lda + k] : 0.0;
-    Bs[row][col] = (bn < n_end && k < kdim) ? b[bn * ldb + k] : 0.0;
+    As[row][col] = (am < m_end && k < kdim) ? a[am * lda + k] : T(0);
+    Bs[row][col] = (bn < n_end && k < kdim) ? b[bn * ldb + k] : T(0);
   }
   __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < kKc; ++kk) {
-    double av[4], bv[4];
+    T av[4], bv[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) av[i] = As[ty + 16 * i][kk];
 #pragma unroll
@@ -80,7 +84,7 @@ __global__ void __launch_bounds__(kThr) search_f64_kernel(
   for (int64_t n0 = kbeg; n0 < kend; n0 += kT) {
     double acc[4][4] = {};
     for (int64_t k0 = 0; k0 < d; k0 += kKc)
-      f64_chunk(As, Bs, z, ldz, m0, N, cb, ldc, n0, kend, k0, d, acc);
+      simt_chunk<double>(As, Bs, z, ldz, m0, N, cb, ldc, n0, kend, k0, d, acc);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // columns in increasing order: strict '<'
       const int64_t col = n0 + tx + 16 * j;
@@ -139,22 +143,23 @@ __global__ void __launch_bounds__(256) finalize_f64_kernel(
   dist[n] = r > 0.0 ? r : 0.0;
 }
 
-__global__ void __launch_bounds__(kThr) project_f64_kernel(
-    const double* __restrict__ basis, int64_t ldb, const double* __restrict__ weight,
-    int64_t ldw, int64_t K, int64_t d, int64_t r, const double* __restrict__ bias,
-    double* __restrict__ q) {
-  __shared__ double As[kT][kKc + 1], Bs[kT][kKc + 1];
+template <typename T>
+__global__ void __launch_bounds__(kThr) project_simt_kernel(
+    const T* __restrict__ basis, int64_t ldb, const T* __restrict__ weight, int64_t ldw,
+    int64_t K, int64_t d, int64_t r, const T* __restrict__ bias, T* __restrict__ q,
+    int64_t ldq) {
+  __shared__ T As[kT][kKc + 1], Bs[kT][kKc + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t m0 = int64_t(blockIdx.x) * kT, n0 = int64_t(blockIdx.y) * kT;
-  double acc[4][4] = {};
+  T acc[4][4] = {};
   for (int64_t k0 = 0; k0 < r; k0 += kKc)
-    f64_chunk(As, Bs, basis, ldb, m0, K, weight, ldw, n0, d, k0, r, acc);
+    simt_chunk<T>(As, Bs, basis, ldb, m0, K, weight, ldw, n0, d, k0, r, acc);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t k = m0 + ty + 16 * i, c = n0 + tx + 16 * j;
-      if (k < K && c < d) q[k * d + c] = acc[i][j] + (bias != nullptr ? bias[c] : 0.0);
+      if (k < K && c < ldq) q[k * ldq + c] = c < d ? acc[i][j] + (bias != nullptr ? bias[c] : T(0)) : T(0);
     }
 }
 
@@ -176,13 +181,28 @@ cudaError_t launch_search_f64(const double* z, int64_t ldz, const double* cb, in
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_project_simt(const T* basis, int64_t ldb, const T* weight, int64_t ldw,
+                                int64_t K, int64_t d, int64_t r, const T* bias, T* q,
+                                int64_t ldq, cudaStream_t stream) {
+  if (K == 0 || ldq == 0) return cudaSuccess;
+  project_simt_kernel<T><<<dim3(unsigned((K + kT - 1) / kT), unsigned((ldq + kT - 1) / kT)),
+                           dim3(16, 16), 0, stream>>>(basis, ldb, weight, ldw, K, d, r, bias, q,
+                                                      ldq);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_project_f64(const double* basis, int64_t ldb, const double* weight,
                                int64_t ldw, int64_t K, int64_t d, int64_t r,
-                               const double* bias, double* q, cudaStream_t stream) {
-  if (K == 0 || d == 0) return cudaSuccess;
-  project_f64_kernel<<<dim3(unsigned((K + kT - 1) / kT), unsigned((d + kT - 1) / kT)),
-                       dim3(16, 16), 0, stream>>>(basis, ldb, weight, ldw, K, d, r, bias, q);
-  return cudaGetLastError();
+                               const double* bias, double* q, int64_t ldq,
+                               cudaStream_t stream) {
+  return launch_project_simt<double>(basis, ldb, weight, ldw, K, d, r, bias, q, ldq, stream);
+}
+
+cudaError_t launch_project_f32(const float* basis, int64_t ldb, const float* weight,
+                               int64_t ldw, int64_t K, int64_t d, int64_t r, const float* bias,
+                               float* q, int64_t ldq, cudaStream_t stream) {
+  return launch_project_simt<float>(basis, ldb, weight, ldw, K, d, r, bias, q, ldq, stream);
 }
 
 }  // namespace cuda
