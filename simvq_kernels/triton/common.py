@@ -26,6 +26,7 @@ Environment variable (read on every call, and at trace time under torch.compile)
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -143,7 +144,13 @@ def cfg(num_warps=4, num_stages=3, **blocks) -> Config:
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 2  # the interpreter: a couple of programs is enough to exercise splits
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # queried once per device, never during graph capture
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def forced_splits() -> int | None:
