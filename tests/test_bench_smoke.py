@@ -150,3 +150,14 @@ def test_no_issue_numbers_in_user_facing_text():
     text += bench.format_report(res) + bench.format_markdown(res)
     assert "issue" not in text.lower()
     assert "targets (fused backend 'cpu'" in text
+
+
+def test_deadline_skips_rows_but_still_reports(capsys):
+    """--deadline 0: no row starts, every row says why, and the report is still written."""
+    code = bench.main(["--preset", "tiny", "--peers", "none", "--backends", "reference",
+                       "--deadline", "0", "--quiet-wait", "0", "--contention-retries", "0",
+                       "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("skipped: --deadline reached") == 2  # fwd and layer
+    assert "not measured (--deadline reached)" in out

@@ -145,9 +145,11 @@ for stage in "${STAGES[@]}"; do
         ;;
     bench)
         if [ "$DRY_RUN" = 1 ]; then
-            run_stage bench "$(limit "$CAP_BENCH")" "$LOG" \
+            t=$(limit "$CAP_BENCH")
+            run_stage bench "$t" "$LOG" \
                 "$PY" -m simvq_kernels.bench --preset gpu --dry-run --out "$OUT" --no-progress \
-                --backends "${DRY_BACKENDS:-cpu,reference}" --peers "${DRY_PEERS:-none}"
+                --backends "${DRY_BACKENDS:-cpu,reference}" --peers "${DRY_PEERS:-none}" \
+                --deadline $((t > 80 ? t - 40 : t / 2))
             # the dry run writes gpu-dry.*; name them like the real run's
             for f in "$OUT"/gpu-dry*; do
                 [ -e "$f" ] || continue
@@ -155,8 +157,12 @@ for stage in "${STAGES[@]}"; do
                 mv "$f" "$OUT/${base/gpu-dry/gpu}"
             done
         else
-            run_stage bench "$(limit "$CAP_BENCH" "$FLOOR_BENCH")" "$LOG" \
-                "$PY" -m simvq_kernels.bench --preset gpu --out "$OUT" --no-progress
+            # --deadline: stop starting rows 40 s before the stage's limit, so that the
+            # reports are written even when the rows outrun the budget
+            t=$(limit "$CAP_BENCH" "$FLOOR_BENCH")
+            run_stage bench "$t" "$LOG" \
+                "$PY" -m simvq_kernels.bench --preset gpu --out "$OUT" --no-progress \
+                --deadline $((t > 80 ? t - 40 : t / 2))
         fi
         ;;
     tests)

@@ -72,6 +72,10 @@ def parse_args(argv=None):
     ap.add_argument("--plot", default=None, help="write a PNG plot of throughput vs K")
     ap.add_argument("--markdown", default=None,
                     help="write a markdown summary (machine, versions, table, targets)")
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                    help="start no new row after this many seconds (the rest are reported "
+                         "as skipped), so that a run under an outer time limit still writes "
+                         "its results")
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="write PRESET.csv, PRESET.md and PRESET.png (and PRESET-accuracy.csv "
                          "for a preset with an accuracy sweep) into this directory")
@@ -127,6 +131,7 @@ def main(argv=None) -> int:
                            quiet_wait_total=args.quiet_wait_total,
                            contention_retries=args.contention_retries,
                            threads=args.threads, seed=args.seed, peer_blas=args.peer_blas,
+                           deadline=args.deadline,
                            progress=not args.no_progress)
     print(format_report(result))
     if args.out:

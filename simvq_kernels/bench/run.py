@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -121,11 +122,23 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                   case_timeout: float = 900.0, quiet_wait: float = 60.0,
                   quiet_wait_total: float = 600.0,
                   contention_retries: int = 2, threads: Optional[int] = None, seed: int = 0,
-                  progress: bool = True, peer_blas: str = "auto") -> BenchResult:
+                  progress: bool = True, peer_blas: str = "auto",
+                  deadline: Optional[float] = None) -> BenchResult:
     """Runs ``preset`` and returns its rows (no printing). ``peer_blas``: the BLAS
     environment of peers that bring their own BLAS ('auto', 'detect', 'inherit' or an
-    OpenBLAS kernel name; see blas.py)."""
+    OpenBLAS kernel name; see blas.py). ``deadline``: seconds after which no new row
+    starts (the rest are reported as skipped), so that a run under an outer time limit
+    still returns its results."""
     import simvq_kernels as sk
+
+    t_start = time.perf_counter()
+
+    def time_left() -> Optional[float]:
+        return None if deadline is None else deadline - (time.perf_counter() - t_start)
+
+    def timeout() -> float:
+        left = time_left()
+        return case_timeout if left is None else max(1.0, min(case_timeout, left))
 
     try:
         from tqdm import tqdm
@@ -169,7 +182,11 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         for key, d, mode in keys:
             label = ceiling_label(key)
             bar.set_postfix_str(f"ceiling {label} ({when})")
-            out = run_measured(dict(base, op="ceiling", d=d, mode=mode), case_timeout, gate,
+            if (time_left() or 1.0) <= 0 and when == "end":
+                notes.append(f"ceiling {label} ({when}): not measured (--deadline reached)")
+                bar.update(1)
+                continue
+            out = run_measured(dict(base, op="ceiling", d=d, mode=mode), timeout(), gate,
                                contention_retries)
             if out["status"] == "ok":
                 got[key] = out["gflops"]
@@ -196,7 +213,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
 
     sweep = None
     if preset.sweep is not None:
-        sweep = preset.sweep.run(providers, device, case_timeout=case_timeout, seed=seed,
+        sweep = preset.sweep.run(providers, device, case_timeout=timeout(), seed=seed,
                                  bar=bar)
     ceil_start = measure_ceilings("start")
     rows = []
@@ -209,6 +226,8 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         if why == "n/a":
             bar.update(1)
             continue
+        if why is None and (time_left() or 1.0) <= 0:
+            why = "skipped: --deadline reached"
         if why:
             row.status, row.check = "skipped", why
         else:
@@ -218,7 +237,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                         paired_ceiling=(case.op == "fwd" and p in PAIRED_PROVIDERS
                                         and device.type == "cpu"),
                         peer_env=peer_envs.get(p))
-            out = run_measured(spec, case_timeout, gate, contention_retries)
+            out = run_measured(spec, timeout(), gate, contention_retries)
             if out.get("blas") is not None:
                 peer_blas_seen.setdefault(p, set()).add(describe(out["blas"]))
             if out["status"] == "ok":
