@@ -32,21 +32,11 @@ from simvq_kernels.triton.quantize_backward import quantize_backward_triton
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    """TRITON_INTERPRET=1 for this module only; numpy's BLAS single-threaded (the
-    interpreter's tl.dot is numpy.matmul on small tiles: OpenBLAS threads spinning on
-    a shared 2-core machine made each one ~1000x slower)."""
-    limiter = None
-    try:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(limits=1, user_api="blas")
-    except ImportError:  # only slower
-        pass
+    """TRITON_INTERPRET=1 for this module only."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         mp.delenv(SPLIT_K_ENV, raising=False)
         yield
-    if limiter is not None:
-        limiter.restore_original_limits()
 
 
 @pytest.fixture

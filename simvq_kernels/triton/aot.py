@@ -142,7 +142,7 @@ def _backward_builds():
         sig = {"G": p, "B": p, "IDX": "*i64", "OUT": "*fp32", "N": "i32", "D": "i32",
                "R": "i32", "n_per_split": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
                "stride_bk": "i32", "stride_br": "constexpr"}
-        ce = dict(stride_gd=1, stride_br=1, UPCAST=not low, **c.constexprs())
+        ce = dict(stride_gd=1, stride_br=1, UPCAST=not low, USE_DOT=True, **c.constexprs())
         sig.update({k: "constexpr" for k in ce if k not in sig})
         rows.append(Build("gather_gemm_tn", _SHORT[dtype], c.label(), low, sig, ce,
                           _aligned(["G", "B", "IDX", "OUT"], sig),

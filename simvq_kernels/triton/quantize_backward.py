@@ -24,7 +24,7 @@ def _gather_gemm_tn_kernel(
     N, D, R, n_per_split,
     stride_gn, stride_gd, stride_bk, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -49,7 +49,10 @@ def _gather_gemm_tn_kernel(
         if UPCAST:
             g = g.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(g, b, acc, input_precision="ieee")
+        if USE_DOT:
+            acc = tl.dot(g, b, acc, input_precision="ieee")
+        else:  # the interpreter: plain sums (its tl.dot is numpy.matmul on BLAS threads)
+            acc += tl.sum(g[:, :, None] * b[None, :, :], axis=1)
     out = OUT + (pid_s.to(tl.int64) * D + offs_d.to(tl.int64)[:, None]) * R + offs_r[None, :]
     tl.store(out, acc, mask=d_mask[:, None] & r_mask[None, :])
 
@@ -92,7 +95,8 @@ def quantize_backward_triton(grad_zq: torch.Tensor, basis: torch.Tensor, idx: to
            (triton.cdiv(d, blocks["BLOCK_D"]), triton.cdiv(r, blocks["BLOCK_R"]), splits),
            grad_zq, basis, idx, part, n, d, r, n_per_split,
            grad_zq.stride(0), grad_zq.stride(1), basis.stride(0), basis.stride(1),
-           UPCAST=(interpreted or not low), device=dev, **blocks, **c.launch_options(dev))
+           UPCAST=(interpreted or not low), USE_DOT=not interpreted, device=dev, **blocks,
+           **c.launch_options(dev))
     dw = part.sum(0) if splits > 1 else part[0]
     db = grad_zq.sum(0, dtype=torch.float32)
     return dw.to(weight.dtype), db.to(weight.dtype)
