@@ -88,7 +88,10 @@ def _backend(name: str) -> Callable:
             return Runner(lambda: sk.nearest_code(z, q, backend=name),
                           lambda o: {"idx": o[0], "dist": o[1]})
         g = inp.g_out
-        layer = sk.SimVQ(s.d, s.k, basis_dim=s.basis_dim, backend=name).to(z.device)
+        # built on the device it runs on (initialising a 262k-code basis on a CPU is slow)
+        with torch.device(z.device):
+            layer = sk.SimVQ(s.d, s.k, basis_dim=s.basis_dim, backend=name)
+        layer = layer.to(z.device)
         _copy_params(layer, inp)
         # fp32 tokens for the layer; under autocast (bf16/fp16 modes) the layer rounds them
         # to the stored low-precision values the checks read
