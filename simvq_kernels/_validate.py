@@ -142,16 +142,16 @@ def check_quantize(z, basis, weight, bias):
                          "gradient; pass basis.detach() (or register it as a buffer)")
 
 
-def check_duplicate_map(duplicate_map, basis):
-    """An int64 (K,) map on basis's device, each entry a valid basis row index."""
+def check_duplicate_map(duplicate_map, basis, basis_name="basis"):
+    """An int64 (K,) map on the rows' device, one entry per row."""
     if not isinstance(duplicate_map, torch.Tensor):
         raise TypeError("`duplicate_map` must be a torch.Tensor (int64, shape (K,)), got "
                         f"{type(duplicate_map).__name__}")
     k = basis.shape[0]
     if duplicate_map.dtype != torch.long or tuple(duplicate_map.shape) != (k,):
         raise ValueError(f"`duplicate_map` must be an int64 tensor of shape ({k},) (one "
-                         f"entry per basis row), got {duplicate_map.dtype} of shape "
+                         f"entry per row of `{basis_name}`), got {duplicate_map.dtype} of shape "
                          f"{_shape(duplicate_map)}")
     if duplicate_map.device != basis.device:
-        raise ValueError(f"`duplicate_map` is on {duplicate_map.device} but `basis` is on "
-                         f"{basis.device}")
+        raise ValueError(f"`duplicate_map` is on {duplicate_map.device} but `{basis_name}` "
+                         f"is on {basis.device}")

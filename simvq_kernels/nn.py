@@ -362,6 +362,7 @@ class SimVQ(nn.Module):
         self._usage_counts = (torch.zeros(codebook_size, dtype=torch.long)
                               if self.track_usage else None)
         self._codebook_cache = None  # (key, parameter snapshots, Q)
+        self._codebook_map_cache = None  # (Q, its duplicate-code map)
         self._dup_cache = {}  # basis dtype -> (key, duplicate map)
         # Load the compiled ops (and register their fake kernels / autograd) now, outside
         # any torch.compile trace.
@@ -468,12 +469,14 @@ class SimVQ(nn.Module):
     def clear_codebook_cache(self):
         """Drop the cached codebook and duplicate map (they are rebuilt when needed)."""
         self._codebook_cache = None
+        self._codebook_map_cache = None
         self._dup_cache = {}
 
     def __getstate__(self):
         # pickling / deepcopy: the caches are derived data (and K x dim large)
         state = self.__dict__.copy()
         state["_codebook_cache"] = None
+        state["_codebook_map_cache"] = None
         state["_dup_cache"] = {}
         return state
 
@@ -518,6 +521,22 @@ class SimVQ(nn.Module):
             snaps = [p.detach().clone() for p in params]
         self._codebook_cache = (key, snaps, q)
         return q
+
+    def _codebook_map(self, q, device, sdt):
+        """The duplicate-code map of the cached codebook ``q`` for the backends that
+        need one (the pure-PyTorch searches), computed once per cached codebook."""
+        if torch.compiler.is_compiling():
+            return None
+        name = backends.select_backend(self.backend, device, sdt)
+        if not backends.BACKENDS[name].wants_duplicate_map:
+            return None
+        c = self._codebook_map_cache
+        if c is not None and c[0] is q:
+            return c[1]
+        m = ops.codebook_duplicate_map(q)
+        if self._codebook_cache is not None and self._codebook_cache[2] is q:
+            self._codebook_map_cache = (q, m)  # lives as long as the cached codebook
+        return m
 
     def _duplicate_map(self, basis):
         """For each row of ``basis`` (the layer's basis, possibly cast to the search
@@ -593,7 +612,8 @@ class SimVQ(nn.Module):
         q = self._cached_codebook(sdt)
         dev = zs.device.type
         with torch.autocast(dev, enabled=False):
-            res = ops.nearest_code_ex(zs.to(sdt), q, backend=self.backend)
+            res = ops.nearest_code_ex(zs.to(sdt), q, backend=self.backend,
+                                      duplicate_map=self._codebook_map(q, zs.device, sdt))
         idx = res.indices
         dup = self._duplicate_map(self.basis.to(sdt))
         if dup is None:
@@ -622,6 +642,7 @@ class SimVQ(nn.Module):
         # hold memory (K x dim) until the next no-grad call rebuilds it
         if not torch.compiler.is_compiling():
             self._codebook_cache = None
+            self._codebook_map_cache = None
         if cdt is None:
             q = ops.quantize(zs, self.basis, self.weight, self.bias, backend=self.backend,
                              duplicate_map=self._duplicate_map(self.basis))

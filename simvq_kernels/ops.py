@@ -103,9 +103,12 @@ def _check_finite(named, check_finite):
 
 # ---------------------------------------------------------------------- public ops
 
-def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None) -> NearestOutput:
+def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None,
+                    duplicate_map=None) -> NearestOutput:
     """Like :func:`nearest_code`, also returning which backend ran."""
     _validate.check_nearest_code(z, codebook)
+    if duplicate_map is not None:
+        _validate.check_duplicate_map(duplicate_map, codebook, "codebook")
     maxima = _check_finite((("z", z), ("codebook", codebook)), check_finite)
     name = _select(backend, z.device, z.dtype)
     if not _compiling():
@@ -117,11 +120,11 @@ def nearest_code_ex(z, codebook, backend="auto", *, check_finite=None) -> Neares
         log.debug("nearest_code: values up to %.3g, searching in float64",
                   max(maxima.values()))
         z, codebook = z.double(), codebook.double()
-    idx, dist = BACKENDS[name].nearest_code(z, codebook)
+    idx, dist = BACKENDS[name].nearest_code(z, codebook, duplicate_map=duplicate_map)
     return NearestOutput(idx, dist.to(out_dtype), name)
 
 
-def nearest_code(z, codebook, backend="auto", *, check_finite=None):
+def nearest_code(z, codebook, backend="auto", *, check_finite=None, duplicate_map=None):
     """Nearest code of each row of ``z`` under squared L2 distance.
 
     Args:
@@ -131,13 +134,19 @@ def nearest_code(z, codebook, backend="auto", *, check_finite=None):
             :func:`simvq_kernels.available_backends`. An explicit backend that cannot
             serve the input raises ``BackendUnavailableError``.
         check_finite: reject NaN/inf inputs (default on; see ``_validate``).
+        duplicate_map: optional int64 (K,) tensor giving, for each code, the lowest
+            index of an identical code (:func:`codebook_duplicate_map`). The
+            pure-PyTorch backends compute it per call (``torch.unique`` over the
+            codebook) when it is not given; a caller that keeps a codebook across calls
+            can compute it once and pass it.
 
     Returns:
         (indices, distances): int64 (N,) with the lowest index on ties, and the
         squared L2 distance of the picked code, float32 (float64 for float64 input),
         clamped at 0. Not differentiable.
     """
-    out = nearest_code_ex(z, codebook, backend, check_finite=check_finite)
+    out = nearest_code_ex(z, codebook, backend, check_finite=check_finite,
+                          duplicate_map=duplicate_map)
     return out.indices, out.distances
 
 
@@ -146,7 +155,7 @@ def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None,
     """Like :func:`simvq_quantize`, returning zq, indices, distances and the backend."""
     _validate.check_quantize(z, basis, weight, bias)
     if duplicate_map is not None:
-        _validate.check_duplicate_map(duplicate_map, basis)
+        _validate.check_duplicate_map(duplicate_map, basis, "basis")
     maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
                            check_finite)
     name = _select(backend, z.device, z.dtype)
@@ -197,6 +206,14 @@ def simvq_quantize(z, basis, weight, bias: Optional[torch.Tensor] = None, backen
     out = quantize(z, basis, weight, bias, backend, check_finite=check_finite,
                    duplicate_map=duplicate_map)
     return out.zq, out.indices
+
+
+def codebook_duplicate_map(codebook: torch.Tensor) -> torch.Tensor:
+    """For each row of ``codebook`` (K, d), the lowest index of an identical row: int64
+    (K,). Compute it once for a codebook kept across calls and pass it as
+    ``duplicate_map`` to :func:`nearest_code`."""
+    _validate.check_tensor("codebook", codebook, 2)
+    return _python_backends.basis_duplicate_map(codebook)
 
 
 def basis_duplicate_map(basis: torch.Tensor) -> torch.Tensor:

@@ -72,21 +72,25 @@ def first_of_duplicates(codebook):
 
 
 @torch.no_grad()
-def nearest_code(z, codebook):
-    """Official formula then argmin (first index on ties). Returns (idx int64, dist)."""
+def nearest_code(z, codebook, duplicate_map=None):
+    """Official formula then argmin (first index on ties). Returns (idx int64, dist).
+    ``duplicate_map``: :func:`first_of_duplicates` of ``codebook`` if the caller has it."""
     dt = compute_dtype(z.dtype)
     z, codebook = z.to(dt), codebook.to(dt)
     if z.shape[0] == 0:
         return (torch.empty(0, dtype=torch.long, device=z.device),
                 torch.empty(0, dtype=dt, device=z.device))
     d = pairwise_sq_dist(z, codebook)
-    idx = first_of_duplicates(codebook)[torch.argmin(d, dim=1)]
+    if duplicate_map is None:
+        duplicate_map = first_of_duplicates(codebook)
+    idx = duplicate_map[torch.argmin(d, dim=1)]
     dist = d.gather(1, idx[:, None])[:, 0].clamp_min(0)
     return idx, dist
 
 
 @torch.no_grad()
-def nearest_code_chunked(z, codebook, chunk_n=DEFAULT_CHUNK_N, chunk_k=DEFAULT_CHUNK_K):
+def nearest_code_chunked(z, codebook, chunk_n=DEFAULT_CHUNK_N, chunk_k=DEFAULT_CHUNK_K,
+                         duplicate_map=None):
     """Same result as :func:`nearest_code` with memory O(chunk_n * chunk_k).
 
     Codes are scanned in increasing order with a strict '<' merge, so ties still go
@@ -110,7 +114,9 @@ def nearest_code_chunked(z, codebook, chunk_n=DEFAULT_CHUNK_N, chunk_k=DEFAULT_C
             bi.copy_(torch.where(better, i + k0, bi))
     dist = (torch.sum(z**2, dim=1) + best).clamp_min(0)
     if n:
-        idx = first_of_duplicates(codebook)[idx]
+        if duplicate_map is None:
+            duplicate_map = first_of_duplicates(codebook)
+        idx = duplicate_map[idx]
     return idx, dist
 
 

@@ -99,3 +99,37 @@ def test_duplicate_map_is_checked_and_used():
         sk.simvq_quantize(z, basis, w, b, duplicate_map=dm[:-1])
     with pytest.raises(ValueError, match="duplicate_map"):
         sk.simvq_quantize(z, basis, w, b, duplicate_map=dm.int())
+
+
+def test_nearest_code_takes_a_cached_duplicate_map():
+    torch.manual_seed(1)
+    cb = torch.randn(300, 8)
+    cb[200] = cb[3]
+    z = cb[3][None].repeat(4, 1) + 1e-4 * torch.randn(4, 8)
+    dm = ops.codebook_duplicate_map(cb)
+    assert dm[200] == 3
+    for backend in ("reference", "chunked", "cpu"):
+        if backend in sk.available_backends():
+            assert (sk.nearest_code(z, cb, backend=backend, duplicate_map=dm)[0] == 3).all()
+    with pytest.raises(ValueError, match="`duplicate_map`.*`codebook`"):
+        sk.nearest_code(z, cb, duplicate_map=dm[:10])
+
+
+def test_layer_caches_the_codebook_duplicate_map(monkeypatch):
+    torch.manual_seed(2)
+    layer = sk.SimVQ(8, 64, backend="chunked")
+    calls = []
+    real = ops.codebook_duplicate_map
+    monkeypatch.setattr(ops, "codebook_duplicate_map",
+                        lambda q: calls.append(1) or real(q))
+    z = torch.randn(10, 8)
+    with torch.no_grad():
+        a = layer.encode(z)
+        b = layer.encode(z)
+    assert torch.equal(a, b) and len(calls) == 1
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # a parameter change drops both caches
+        c = layer.encode(z)
+    assert len(calls) == 2
+    ref = sk.nearest_code(z, layer.codebook.detach(), backend="reference")[0]
+    assert torch.equal(c, ref)

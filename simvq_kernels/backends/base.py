@@ -36,6 +36,8 @@ class Backend:
         gpu: a GPU backend: "auto" picks it on a CUDA device only once the GPU
             acceptance run has passed on that device's architecture
             (``backends/validation.py``).
+        wants_duplicate_map: the calls use a cached ``duplicate_map`` when given (the
+            pure-PyTorch searches, which otherwise run ``torch.unique`` per call).
 
     The calls receive validated inputs (ranks, widths, devices, dtypes, finiteness);
     N may be 0 and views may be non-contiguous or offset.
@@ -47,6 +49,8 @@ class Backend:
     dtypes: tuple = FLOAT_DTYPES
     auto: bool = True
     gpu: bool = False
+    # whether the calls use a caller's cached ``duplicate_map`` (else it is ignored)
+    wants_duplicate_map: bool = False
 
     # ------------------------------------------------------------------ what it serves
 
@@ -73,8 +77,10 @@ class Backend:
 
     # ---------------------------------------------------------------------- the calls
 
-    def nearest_code(self, z: torch.Tensor, codebook: torch.Tensor):
-        """z (N, d), codebook (K, d) -> (indices int64 (N,), distances (N,))."""
+    def nearest_code(self, z: torch.Tensor, codebook: torch.Tensor, duplicate_map=None):
+        """z (N, d), codebook (K, d) -> (indices int64 (N,), distances (N,)).
+        ``duplicate_map`` (int64 (K,), the lowest index of an identical code) may be
+        passed by a caller that caches it; backends that need it compute it otherwise."""
         raise NotImplementedError
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):

@@ -88,7 +88,8 @@ class CompiledBackend(Backend):
     def missing_kernels_reason(self) -> str:
         return f"the extension has no {self.dispatch_key} kernels"
 
-    def nearest_code(self, z, codebook):
+    def nearest_code(self, z, codebook, duplicate_map=None):
+        # the kernels keep their own O(K) duplicate table; the map is not needed
         return torch.ops.simvq.nearest_code(z, codebook)
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):

@@ -9,6 +9,8 @@ assembly of zq around them is traced as usual.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -21,20 +23,22 @@ _ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")
 # ------------------------------------------------------------- traceable custom ops
 
 @torch.library.custom_op("simvq_py::reference_nearest_code", mutates_args=())
-def _reference_nearest_op(z: torch.Tensor, codebook: torch.Tensor
+def _reference_nearest_op(z: torch.Tensor, codebook: torch.Tensor,
+                          duplicate_map: Optional[torch.Tensor] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, dist = reference.nearest_code(z, codebook)
+    idx, dist = reference.nearest_code(z, codebook, duplicate_map=duplicate_map)
     return idx.clone(), dist.clone()
 
 
 @torch.library.custom_op("simvq_py::chunked_nearest_code", mutates_args=())
-def _chunked_nearest_op(z: torch.Tensor, codebook: torch.Tensor
+def _chunked_nearest_op(z: torch.Tensor, codebook: torch.Tensor,
+                        duplicate_map: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, dist = reference.nearest_code_chunked(z, codebook)
+    idx, dist = reference.nearest_code_chunked(z, codebook, duplicate_map=duplicate_map)
     return idx.clone(), dist.clone()
 
 
-def _fake_nearest(z, codebook):
+def _fake_nearest(z, codebook, duplicate_map=None):
     n = z.shape[0]
     return (z.new_empty((n,), dtype=torch.long),
             z.new_empty((n,), dtype=reference.compute_dtype(z.dtype)))
@@ -85,11 +89,12 @@ class ReferenceBackend(Backend):
     devices = _ANY_DEVICE
     dtypes = FLOAT_DTYPES
     auto = False  # builds N x K: only on request
+    wants_duplicate_map = True
 
-    def nearest_code(self, z, codebook):
+    def nearest_code(self, z, codebook, duplicate_map=None):
         if _compiling():
-            return _reference_nearest_op(z, codebook)
-        return reference.nearest_code(z, codebook)
+            return _reference_nearest_op(z, codebook, duplicate_map)
+        return reference.nearest_code(z, codebook, duplicate_map=duplicate_map)
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):
         dt = reference.compute_dtype(z.dtype)
@@ -111,11 +116,12 @@ class ChunkedBackend(Backend):
     devices = _ANY_DEVICE
     dtypes = FLOAT_DTYPES
     auto = True
+    wants_duplicate_map = True
 
-    def nearest_code(self, z, codebook):
+    def nearest_code(self, z, codebook, duplicate_map=None):
         if _compiling():
-            return _chunked_nearest_op(z, codebook)
-        return reference.nearest_code_chunked(z, codebook)
+            return _chunked_nearest_op(z, codebook, duplicate_map)
+        return reference.nearest_code_chunked(z, codebook, duplicate_map=duplicate_map)
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):
         # zq is re-projected from the gathered basis rows, so autograd gives

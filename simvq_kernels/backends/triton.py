@@ -46,7 +46,7 @@ class TritonBackend(Backend):
         from ..triton import ops
         return ops
 
-    def nearest_code(self, z, codebook):
+    def nearest_code(self, z, codebook, duplicate_map=None):
         return self._ops().nearest_code(z, codebook)
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):
