@@ -11,7 +11,11 @@ takes the first minimum over the splits, which are in code order.
 Ties: every (token, code) value is computed by the same instruction sequence wherever
 the code sits (same tile shape, same reduction order, ||q||^2 from the same kernel), so
 exact duplicate codes give bit-identical values and the strict '<' / lowest-index rules
-send ties, duplicates included, to the lowest index, without a duplicate map.
+send ties, duplicates included, to the lowest index, without a duplicate map. (On a
+GPU this rests on the tensor cores treating every output element alike, which
+tests/test_triton.py's CUDA tests check; under the interpreter, whose tl.dot is
+numpy.matmul and may round a column by its position in the tile, plain sums replace
+tl.dot.)
 
 Precision: float32 inputs follow ``torch.get_float32_matmul_precision()`` ("highest":
 exact fp32 products on CUDA cores, "ieee"; otherwise tf32 tensor-core products of
