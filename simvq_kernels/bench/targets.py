@@ -94,6 +94,10 @@ def evaluate_targets(result: BenchResult) -> list:
             out.append((f"{name(r)} encode <= {ENCODE_TARGET:g}x the bare search over a "
                         f"precomputed codebook at {r.shape.label}", f"{x:.2f}x",
                         _verdict(x <= ENCODE_TARGET)))
+            if r.first_s is not None:
+                out.append((f"{name(r)} encode's first call (projects and caches the "
+                            f"codebook) at {r.shape.label}", f"{r.first_s * 1e3:.1f} ms",
+                            "info"))
         else:
             out.append((f"{name(r)} eval-mode forward / the bare search at {r.shape.label}",
                         f"{x:.2f}x", "info"))
