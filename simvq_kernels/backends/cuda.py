@@ -2,6 +2,8 @@
 GEMM with a row-argmin epilogue, and the gather-GEMM backward."""
 from __future__ import annotations
 
+import torch
+
 from .. import _ext
 from .base import FLOAT_DTYPES
 from .compiled import CompiledBackend
@@ -15,6 +17,12 @@ class CUDABackend(CompiledBackend):
     auto = True
     gpu = True
     dispatch_key = "CUDA"
+
+    def install_problem(self):
+        problem = super().install_problem()
+        if problem is None and not torch.cuda.is_available():
+            return "no CUDA device (the extension's CUDA kernels are built)"
+        return problem
 
     def missing_kernels_reason(self) -> str:
         why = _ext.build_info().get("cuda_reason")

@@ -20,15 +20,21 @@ RESULTS: dict[str, str] = {}
 
 
 def arch_of(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    """"sm_90" etc. for a CUDA device, or "unknown" where no GPU can be queried."""
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+    except (RuntimeError, AssertionError, ValueError):  # no driver / no such device
+        return "unknown"
     return f"sm_{major}{minor}"
 
 
 def validated_on(name: str, device: torch.device) -> bool:
-    """True if backend ``name`` passed the GPU acceptance run on ``device``'s arch."""
+    """True if backend ``name`` passed the GPU acceptance run on ``device``'s arch.
+    Asks the device only when some architecture is recorded for ``name``."""
     if device.type != "cuda":
         return True
-    return arch_of(device) in GPU_VALIDATED.get(name, ())
+    archs = GPU_VALIDATED.get(name, ())
+    return bool(archs) and arch_of(device) in archs
 
 
 def status(name: str) -> str:
