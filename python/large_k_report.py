@@ -152,8 +152,9 @@ def main(argv=None):
     title = f"{task}: plain VQ vs SimVQ, the same training budget per K"
     plots.plot_utilisation_over_steps(results, os.path.join(out, "utilisation_over_steps.png"),
                                       wlabel, title)
-    plots.plot_utilisation_vs_k(results, os.path.join(out, "utilisation_vs_k.png"), title,
-                                metric)
+    if len({r["codebook_size"] for r in results}) > 1:  # one K: nothing to plot against
+        plots.plot_utilisation_vs_k(results, os.path.join(out, "utilisation_vs_k.png"),
+                                    title, metric)
     print(open(os.path.join(out, "results.md")).read())
     return results
 

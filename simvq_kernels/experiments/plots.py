@@ -74,8 +74,8 @@ def plot_utilisation_over_steps(results, path, window, title=""):
     steps (lines) and the final held-out utilisation (markers at the last step)."""
     plt = _plt()
     ks = sorted({r["codebook_size"] for r in results})
-    fig, axes = plt.subplots(1, len(ks), figsize=(3.2 * len(ks), 3.0), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(ks), figsize=(max(3.2 * len(ks), 6.4), 3.0),
+                             squeeze=False, sharey=True)
     for ax, k in zip(axes[0], ks):
         for r in (r for r in results if r["codebook_size"] == k):
             h = r["history"]
