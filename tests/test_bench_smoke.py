@@ -161,3 +161,24 @@ def test_deadline_skips_rows_but_still_reports(capsys):
     assert code == 0
     assert out.count("skipped: --deadline reached") == 2  # fwd and layer
     assert "not measured (--deadline reached)" in out
+
+
+def test_serving_rows_are_paired_with_the_bare_search():
+    """encode and the eval-mode forward are timed alternately with the bare search in one
+    process; the target reads that ratio."""
+    s = bench.Shape(64, 256, 16)
+    preset = bench.Preset("serve-test", "", tuple(
+        bench.Case(s, op, providers=("cpu",)) for op in ("fwd", "eval", "encode")))
+    res = bench.run_benchmark(preset, backends=["cpu"], peers=[], device="cpu", repeat=2,
+                              min_time=0.0, quiet_wait=0.0, contention_retries=0,
+                              progress=False)
+    rows = {r.op: r for r in res.rows}
+    assert set(rows) == {"fwd", "eval", "encode"}
+    assert all(r.check == "pass" for r in rows.values()), [r.check_detail for r in res.rows]
+    assert rows["fwd"].paired_vs_search is None
+    for op in ("eval", "encode"):
+        assert rows[op].paired_vs_search is not None and rows[op].paired_vs_search > 0
+    t = {name: (v, ok) for name, v, ok in bench.evaluate_targets(res)}
+    key = "fused encode <= 1.25x the bare search over a precomputed codebook at 64x256x16"
+    assert key in t and t[key][0].endswith("(paired)")
+    assert rows["encode"].first_s is not None

@@ -19,7 +19,7 @@ from .memory import PeakMemory
 from .presets import MODES, Shape
 from .providers import PROVIDERS, NotAvailable, build_runner
 from .timing import (CONTENTION_CORES, MAX_RUNS, ForeignCPU, QuietGate, _sync,
-                     ceiling_gflops, paired_ceiling_fraction, time_runs)
+                     ceiling_gflops, paired_ceiling_fraction, paired_ratio, time_runs)
 
 
 def _run_case_in_child(spec: dict) -> dict:
@@ -83,7 +83,13 @@ def _run_case_in_child(spec: dict) -> dict:
     if spec.get("paired_ceiling"):
         paired = paired_ceiling_fraction(runner.run, shape, device, statistics.median(times),
                                          budget=spec["case_budget"] / 4)
+    vs_search = None
+    if spec.get("paired_search"):  # serving rows: time / the bare search's, side by side
+        search = build_runner(provider, "fwd", inp)
+        vs_search = paired_ratio(runner.run, search.run, device,
+                                 budget=spec["case_budget"] / 4)
     return {"status": "ok", "times": times, "first_s": first, "peak_bytes": mem.peak,
+            "vs_search": vs_search,
             "mem_method": mem.method, "check": check.label, "check_detail": check.detail,
             "note": note, "foreign_cores": foreign.cores, "paired_frac": paired,
             "blas": blas_libraries(blas_of) if blas_of else None}

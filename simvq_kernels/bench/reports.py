@@ -162,7 +162,7 @@ CSV_FIELDS = ("provider", "n", "k", "d", "r", "op", "status", "runs", "median_s"
               "vs_reference", "vs_faiss", "ceiling_gflops", "frac_ceiling",
               "frac_ceiling_method", "check",
               "check_detail", "foreign_cores", "note", "device", "mode", "first_s",
-              "vs_matmul")
+              "vs_matmul", "vs_search_paired")
 
 
 def write_csv(result: BenchResult, path: str) -> None:
@@ -175,6 +175,7 @@ def write_csv(result: BenchResult, path: str) -> None:
                 "provider": r.provider, "n": r.shape.n, "k": r.shape.k, "d": r.shape.d,
                 "r": r.shape.basis_dim, "op": OPS[r.op], "status": r.status,
                 "mode": r.mode, "first_s": r.first_s, "vs_matmul": r.vs_matmul,
+                "vs_search_paired": r.paired_vs_search,
                 "runs": len(r.times), "median_s": r.median, "q1_s": q1, "q3_s": q3,
                 "min_s": min(r.times) if r.times else None,
                 "max_s": max(r.times) if r.times else None,

@@ -45,6 +45,8 @@ class Row:
     first_s: Optional[float] = None  # the first (warm-up) call, excluded from the times
     vs_matmul: Optional[float] = None  # same-shape matrix product's time / this row's
     memory_check: bool = False  # the case's peak memory is a target
+    # encode / eval rows: time over the bare search's, timed alternately in one process
+    paired_vs_search: Optional[float] = None
 
     @property
     def op_label(self) -> str:
@@ -236,6 +238,8 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                         shape={"n": s.n, "k": s.k, "d": s.d, "r": s.r},
                         paired_ceiling=(case.op == "fwd" and p in PAIRED_PROVIDERS
                                         and device.type == "cpu"),
+                        paired_search=(case.op in ("encode", "eval")
+                                       and PROVIDERS[p].kind == "backend"),
                         peer_env=peer_envs.get(p))
             out = run_measured(spec, timeout(), gate, contention_retries)
             if out.get("blas") is not None:
@@ -249,6 +253,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                 row.note = "; ".join(x for x in (row.note, out["note"]) if x)
                 row.foreign_cores = out.get("foreign_cores")
                 row.paired_frac = out.get("paired_frac")
+                row.paired_vs_search = out.get("vs_search")
                 if out.get("attempts", 1) > 1:
                     row.note = "; ".join(x for x in (row.note, f"quietest of {out['attempts']} "
                                                      "runs (others used the CPUs)") if x)

@@ -158,6 +158,20 @@ def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
     return statistics.median(ratios)
 
 
+def paired_ratio(run_a, run_b, device, budget: float, pairs: int = PAIRS) -> float:
+    """Median over ``pairs`` alternations of time(run_a) / time(run_b), both timed in this
+    process back to back, so that drifts of the machine's speed (other tenants) cancel in
+    the ratio, which timing them in separate rows cannot do."""
+    run_b()  # warm
+    t_a = time_runs(run_a, 1, device)[0]
+    t_b = time_runs(run_b, 1, device)[0]
+    pairs = max(3, min(pairs, int(budget // max(t_a + t_b, 1e-9))))
+    ratios = [t_a / t_b]
+    for _ in range(pairs - 1):
+        ratios.append(time_runs(run_a, 1, device)[0] / time_runs(run_b, 1, device)[0])
+    return statistics.median(ratios)
+
+
 def other_cpu_load(window: float = 0.5) -> Optional[float]:
     """Cores kept busy by other processes over ``window`` seconds (this process idles)."""
     with ForeignCPU() as f:
