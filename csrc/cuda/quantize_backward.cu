@@ -87,9 +87,10 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
           const int64_t i = i0 + cl + 16 * e;
           const uint32_t x = i < d ? uint32_t(gr[i]) : 0u;
           const int64_t j = j0 + cl + 16 * e;
-          // an index out of range makes the gradient NaN (never a wrong finite value)
-          uint32_t y = j < r ? uint32_t(br[j]) : (j == r ? E::one : 0u);
-          if (!ok) y = P == 2 ? 0x7FFFu : 0x7FFFFFFFu;
+          // an index out of range makes the gradient NaN (never a wrong finite value); the
+          // basis is not read for it (with K = 0 there is no row 0 to read)
+          const uint32_t y = !ok ? (P == 2 ? 0x7FFFu : 0x7FFFFFFFu)
+                                 : (j < r ? uint32_t(br[j]) : (j == r ? E::one : 0u));
           wa[e] |= x << (16 * q);
           wb[e] |= y << (16 * q);
         }
