@@ -25,14 +25,14 @@ constexpr int kMaxDevices = 256;
 
 // How fp32 products are formed: tf32 unless torch.get_float32_matmul_precision() is
 // "highest", then 3xTF32 (about fp32 accuracy).
-Mma mma_mode(at::ScalarType t, bool allow_tf32) {
+Mma mma_mode(at::ScalarType t, bool allow_tf32, const char* name) {
   switch (t) {
     case at::kBFloat16: return Mma::kBF16;
     case at::kHalf: return Mma::kFP16;
     case at::kFloat: return allow_tf32 ? Mma::kTF32 : Mma::kTF32x3;
-    default:  // float64 has its own path (simt.cu); nothing else reaches here
-      SIMVQ_CHECK(false, "the CUDA tensor-core kernels take bfloat16, float16 or float32, got ",
-                  t);
+    default:  // float64 has its own path (simt.cu); other floating types (float8) end here
+      SIMVQ_CHECK(false, "the CUDA backend takes `", name,
+                  "` as float64, float32, bfloat16 or float16, got ", t);
   }
   return Mma::kTF32x3;
 }
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
     return {idx, dist};
   }
   if (f64) return search_f64(z_in, cb_in, idx, dist);
-  const Mma mode = mma_mode(z_in.scalar_type(), fp32_allows_tf32());
+  const Mma mode = mma_mode(z_in.scalar_type(), fp32_allows_tf32(), "z");
   // (a codebook that is already padded, as quantize's projection writes it, is used as is)
   const at::Tensor z = chunk_rows(z_in);
   const at::Tensor cb = chunk_rows(cb_in);
@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
     at::Tensor zq = q.index_select(0, idx);
     return {zq, idx, dist};
   }
-  const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32());
+  const Mma mode = mma_mode(z.scalar_type(), fp32_allows_tf32(), "z");
   // The implicit codebook Q = B W^T + b (K x d, never N x K), formed by our own kernels
   // (position-independent rounding: identical basis rows give identical codes) with
   // fp32 accumulation, rounded once to z's dtype and zero-padded to the search's chunk;
@@ -271,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
     return {dW, db};
   }
   // fp32 gradients always use 3xTF32 (about fp32 accuracy), like the 'triton' backend.
-  const Mma mode = mma_mode(wt, false);
+  const Mma mode = mma_mode(wt, false, "weight");
   const at::Tensor g = grad_zq.to(wt).contiguous();
   const at::Tensor B = basis.to(wt).contiguous();
   const at::Tensor ix = indices.contiguous();
