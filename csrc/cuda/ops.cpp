@@ -83,7 +83,7 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
   SIMVQ_CHECK(z.size(1) == codebook.size(1), "width mismatch: `z` has d=", z.size(1),
               " but `codebook` has d=", codebook.size(1));
   SIMVQ_CHECK(codebook.size(0) >= 1, "`codebook` is empty (K=0); it needs at least one code");
-  SIMVQ_CHECK(codebook.size(0) < int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
+  SIMVQ_CHECK(codebook.size(0) <= int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 129 are supported");
 }
 
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
   SIMVQ_CHECK(weight.size(1) == basis.size(1), "`weight` must be (d, r) with r=",
               basis.size(1), " (the width of `basis`), got shape ", weight.sizes());
   SIMVQ_CHECK(basis.size(0) >= 1, "`basis` is empty (K=0); it needs at least one code");
-  SIMVQ_CHECK(basis.size(0) < int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
+  SIMVQ_CHECK(basis.size(0) <= int64_t(std::numeric_limits<int32_t>::max()) - cuda::kTileN,
               "`basis` has K=", basis.size(0), " codes; at most 2^31 - 129 are supported");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
