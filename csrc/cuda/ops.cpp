@@ -223,7 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
   const int64_t ldq = std::max<int64_t>(per_chunk, (d + per_chunk - 1) / per_chunk * per_chunk);
   at::Tensor q = at::empty({K, ldq}, z.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (z.scalar_type() == at::kFloat) {
+  if (d == 0) {  // no columns: nothing to project (and no weight rows to read)
+    q.zero_();
+  } else if (z.scalar_type() == at::kFloat) {
     const at::Tensor B = unit_stride_rows(basis), W = unit_stride_rows(weight);
     C10_CUDA_CHECK(cuda::launch_project_f32(
         B.data_ptr<float>(), B.stride(0), W.data_ptr<float>(), W.stride(0), K, d, B.size(1),
