@@ -268,9 +268,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(weight.device());
   if (wt == at::kDouble) {  // a gather of N x r rows (never K x d) and cuBLAS DGEMM
     const at::Tensor g = grad_zq.to(wt);
-    at::Tensor dW = at::mm(g.t(), basis.to(wt).index_select(0, indices));
-    at::Tensor db = g.sum(0);
-    return {dW, db};
+    const int64_t K = basis.size(0), r = basis.size(1);
+    // As in the tensor-core path, an index outside [0, K) makes the gradients NaN: no
+    // out-of-range gather (index_select would raise a device-side assert, which ends
+    // the process's CUDA context) and no host synchronisation to check the indices.
+    const at::Tensor bad = (indices < 0).logical_or_(indices >= K);
+    at::Tensor X = at::ones({indices.size(0), r + 1}, g.options());
+    if (K > 0 && r > 0) {
+      X.narrow(1, 0, r).copy_(basis.to(wt).index_select(0, indices.masked_fill(bad, 0)));
+    }
+    X.masked_fill_(bad.unsqueeze(1), std::numeric_limits<double>::quiet_NaN());
+    const at::Tensor P = at::mm(g.t(), X);  // (d, r + 1): column r is grad_bias
+    return {P.narrow(1, 0, r).contiguous(), P.select(1, r).contiguous()};
   }
   // fp32 gradients always use 3xTF32 (about fp32 accuracy), like the 'triton' backend.
   const Mma mode = mma_mode(wt, false, "weight");
