@@ -56,30 +56,33 @@ class Sweep:
         return [b for b in want if b in providers]
 
     def steps(self, providers, device) -> int:
-        return len(self.backends(providers, device))
+        return len(self.backends(providers, device)) * len(self.ks)
 
     def run(self, providers, device, *, case_timeout: float, seed: int = 0,
             bar=None) -> "SweepResult":
+        """One child process per (backend, K): a crash or a hang costs that part only,
+        and each part stays well inside ``case_timeout``."""
         from .child import run_in_child
 
         result = SweepResult(self)
         for b in self.backends(providers, device):
-            if bar is not None:
-                bar.set_postfix_str(f"accuracy sweep: {b}")
-            t0 = time.perf_counter()
-            out = run_in_child({"op": "sweep", "provider": b, "device": str(device),
-                                "seed": seed, "sweep": asdict(self), "threads": None},
-                               case_timeout)
-            if out["status"] == "ok":
-                result.records += out["records"]
-            else:
-                why = out.get("error") or out.get("reason")
-                result.errors.append(f"{b}: the sweep did not finish "
-                                     f"({time.perf_counter() - t0:.0f} s): {why}")
-                result.records += out.get("records", [])
+            for k in self.ks:
+                if bar is not None:
+                    bar.set_postfix_str(f"accuracy sweep: {b} K={k}")
+                t0 = time.perf_counter()
+                part = dict(asdict(self), ks=(k,))
+                out = run_in_child({"op": "sweep", "provider": b, "device": str(device),
+                                    "seed": seed, "sweep": part, "threads": None},
+                                   case_timeout)
+                if out["status"] == "ok":
+                    result.records += out["records"]
+                else:
+                    why = out.get("error") or out.get("reason")
+                    result.errors.append(f"{b} K={k}: the sweep did not finish "
+                                         f"({time.perf_counter() - t0:.0f} s): {why}")
+                if bar is not None:
+                    bar.update(1)
             result.backends.append(b)
-            if bar is not None:
-                bar.update(1)
         return result
 
 
