@@ -127,16 +127,19 @@ def test_random_inputs_against_oracle(isa, tile, restore):
 @pytest.mark.parametrize("d", [4, 16, 24])
 def test_duplicates_go_to_lowest_index(isa, tile, d, restore):
     """Exact duplicate codes placed across tile edges (33, 16), the 16-code blocks of the
-    register path and its 32-code pairs; tokens near a duplicated code must pick its
-    first copy (well-separated codes: exact index agreement)."""
+    register path, their 8-lane halves and its 32-code pairs, and the 32-value groups of
+    the one-pass argmin; tokens near a duplicated code must pick its first copy
+    (well-separated codes: exact index agreement)."""
     if not _force_or_check_error(isa):
         return
     _set(tile=tile)
     k = 1100
     g = torch.Generator().manual_seed(7 + d)
     q = torch.randn(k, d, generator=g) * 4.0
+    # (3, 11), (16, 24): the two 8-lane halves of a 16-code block; (200, 208): one lane
+    # of two vectors of a 32-value argmin group
     pairs = [(0, 1), (5, 40), (15, 16), (31, 32), (32, 1099), (100, 133), (500, 1050),
-             (16, 17), (16, 700)]
+             (16, 17), (16, 700), (3, 11), (16, 24), (200, 208)]
     for a, b in pairs:
         q[b] = q[a]
     first = O.first_of_duplicates(q)

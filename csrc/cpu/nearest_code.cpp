@@ -273,65 +273,55 @@ __attribute__((target("avx512f"))) void row_argmin_avx512(const float* c, const 
   *j_out = mj;
 }
 
-// Four accumulators over consecutive vectors (positions j, j + 8, j + 16, j + 24):
-// AVX2 has no mask registers, so each step is a compare and two blends whose latency
-// chains through the accumulator; four chains keep the vector units busy.
+// Groups of 32 values (4 vectors): the common path only folds the group's lane-wise
+// minimum into a running per-lane minimum and remembers, per lane, the last group
+// where that minimum strictly improved (no branch, no per-element index blend). At the
+// end, the lanes holding the overall minimum m point to the first group where each of
+// them reached m; the lowest position holding m in those groups is the answer (the
+// values are recomputed with the same operation, so equality is exact).
 __attribute__((target("avx2"))) void row_argmin_avx2(const float* c, const float* qn,
                                                     int32_t n, float* m_out, int32_t* j_out) {
-  constexpr int W = 8, U = 4;
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 best[U];
-  __m256i bidx[U], pos[U];
-  for (int u = 0; u < U; ++u) {
-    best[u] = inf;
-    bidx[u] = _mm256_setzero_si256();
-    pos[u] = _mm256_add_epi32(lane, _mm256_set1_epi32(u * W));
-  }
-  const __m256i step = _mm256_set1_epi32(U * W);
+  constexpr int W = 8, G = 4 * W;
+  const float inf = std::numeric_limits<float>::infinity();
+  __m256 run = _mm256_set1_ps(inf);
+  __m256i grp = _mm256_setzero_si256(), gpos = _mm256_setzero_si256();
+  const __m256i one = _mm256_set1_epi32(1);
   int32_t j = 0;
-  for (; j + U * W <= n; j += U * W) {
-    for (int u = 0; u < U; ++u) {
-      const __m256 v =
-          _mm256_add_ps(_mm256_loadu_ps(c + j + u * W), _mm256_loadu_ps(qn + j + u * W));
-      const __m256 lt = _mm256_cmp_ps(v, best[u], _CMP_LT_OQ);
-      best[u] = _mm256_blendv_ps(best[u], v, lt);
-      bidx[u] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bidx[u]),
-                                                     _mm256_castsi256_ps(pos[u]), lt));
-      pos[u] = _mm256_add_epi32(pos[u], step);
-    }
+  for (; j + G <= n; j += G) {
+    const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(qn + j));
+    const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(c + j + W), _mm256_loadu_ps(qn + j + W));
+    const __m256 v2 =
+        _mm256_add_ps(_mm256_loadu_ps(c + j + 2 * W), _mm256_loadu_ps(qn + j + 2 * W));
+    const __m256 v3 =
+        _mm256_add_ps(_mm256_loadu_ps(c + j + 3 * W), _mm256_loadu_ps(qn + j + 3 * W));
+    const __m256 m = _mm256_min_ps(_mm256_min_ps(v0, v1), _mm256_min_ps(v2, v3));
+    const __m256 lt = _mm256_cmp_ps(m, run, _CMP_LT_OQ);
+    run = _mm256_min_ps(run, m);
+    grp = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(grp), _mm256_castsi256_ps(gpos), lt));
+    gpos = _mm256_add_epi32(gpos, one);
   }
-  for (; j + W <= n; j += W) {  // whole vectors left: accumulator 0 (merged by index below)
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(qn + j));
-    const __m256 lt = _mm256_cmp_ps(v, best[0], _CMP_LT_OQ);
-    best[0] = _mm256_blendv_ps(best[0], v, lt);
-    bidx[0] = _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(bidx[0]),
-                         _mm256_castsi256_ps(_mm256_add_epi32(lane, _mm256_set1_epi32(j))), lt));
-  }
-  // merge the accumulators lane by lane: lower value, or equal value and lower index
-  for (int u = 1; u < U; ++u) {
-    const __m256 lt = _mm256_cmp_ps(best[u], best[0], _CMP_LT_OQ);
-    const __m256 eq = _mm256_cmp_ps(best[u], best[0], _CMP_EQ_OQ);
-    const __m256 lower = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bidx[0], bidx[u]));
-    const __m256 take = _mm256_or_ps(lt, _mm256_and_ps(eq, lower));
-    best[0] = _mm256_blendv_ps(best[0], best[u], take);
-    bidx[0] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bidx[0]),
-                                                   _mm256_castsi256_ps(bidx[u]), take));
-  }
-  alignas(32) float bv[W];
-  alignas(32) int32_t bi[W];
-  _mm256_store_ps(bv, best[0]);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(bi), bidx[0]);
-  float m = std::numeric_limits<float>::infinity();
+  alignas(32) float rv[W];
+  alignas(32) int32_t rg[W];
+  _mm256_store_ps(rv, run);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(rg), grp);
+  float m = inf;
+  for (int l = 0; l < W; ++l) m = std::min(m, rv[l]);
   int32_t mj = 0;
-  for (int l = 0; l < W; ++l) {
-    if (bv[l] < m || (bv[l] == m && bi[l] < mj)) {
-      m = bv[l];
-      mj = bi[l];
+  if (m < inf) {
+    mj = std::numeric_limits<int32_t>::max();
+    for (int l = 0; l < W; ++l) {
+      if (rv[l] != m) continue;
+      for (int u = 0; u < 4; ++u) {  // the lane's first position holding m in its group
+        const int32_t p = rg[l] * G + u * W + l;
+        if (c[p] + qn[p] == m) {
+          mj = std::min(mj, p);
+          break;
+        }
+      }
     }
   }
-  for (; j < n; ++j) {  // tail: higher positions than every vector lane, so strict '<'
+  for (; j < n; ++j) {  // tail: higher positions than every group, so strict '<'
     const float v = c[j] + qn[j];
     if (v < m) {
       m = v;
