@@ -56,7 +56,12 @@ def collect() -> dict:
     ext = _ext.load()
     info["extension"] = ("loaded: " + ext.__file__) if ext is not None else \
         f"NOT LOADED ({_ext.error()})"
-    info["extension CUDA kernels"] = "yes" if _ext.built_with_cuda() else "no"
+    build = _ext.build_info()
+    if _ext.built_with_cuda():
+        info["extension CUDA kernels"] = "yes (archs " + str(build.get("cuda_archs")) + ")"
+    else:
+        info["extension CUDA kernels"] = "no" + (f" ({build['cuda_reason']})"
+                                                  if build.get("cuda_reason") else "")
     backends = {}
     for name, b in BACKENDS.items():
         problem = b.install_problem()
