@@ -148,15 +148,33 @@ def kernels_main() -> int:
         rows = sass.inspect_binary(ext.__file__)
         if rows:
             print("CUDA kernels in the compiled extension:")
+            names = _demangle([r.kernel for r in rows])
             for r in rows:
                 tc = ", ".join(f"{op} x{n}" for op, n in sorted(r.tensor_core_ops.items()))
                 print(f"  {r.arch:<7} regs {r.registers:<4} local {r.local:<5} static smem "
-                      f"{r.shared:<6} {tc or '-':<16} {r.kernel}")
+                      f"{r.shared:<6} {tc or '-':<16} {names.get(r.kernel, r.kernel)}")
         else:
             print("CUDA kernels in the compiled extension: none (built without CUDA)")
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)} of {len(results)} Triton builds ok")
     return 1 if failed else 0
+
+
+def _demangle(symbols) -> dict:
+    """C++ kernel names as written (binutils' c++filt), without their argument lists;
+    the mangled names where c++filt is missing."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("c++filt")
+    if not tool or not symbols:
+        return {}
+    out = subprocess.run([tool], input="\n".join(symbols), capture_output=True, text=True,
+                         check=False).stdout.splitlines()
+    if len(out) != len(symbols):
+        return {}
+    return {m: d.split("(")[0].replace("void ", "", 1).replace("simvq::cuda::kernels::", "")
+            .replace("simvq::cuda::", "") for m, d in zip(symbols, out)}
 
 
 if __name__ == "__main__":
