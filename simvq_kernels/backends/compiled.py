@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .._autograd import register_quantize_autograd
 from .base import Backend, dist_dtype
 
 _registered = {"done": False}
@@ -33,22 +34,6 @@ def _fake_quantize_backward(grad_zq, basis, indices, weight):
     return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
-def _setup_context(ctx, inputs, output):
-    z, basis, weight, bias = inputs
-    _, idx, dist = output
-    ctx.save_for_backward(basis, idx, weight)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(idx, dist)
-
-
-def _backward(ctx, grad_zq, grad_idx, grad_dist):
-    basis, idx, weight = ctx.saved_tensors
-    if grad_zq is None:
-        return None, None, None, None
-    dw, db = torch.ops.simvq.quantize_backward(grad_zq, basis, idx, weight)
-    return None, None, dw, (db if ctx.has_bias else None)
-
-
 def _register_python_parts(module) -> None:
     """Fake kernels + autograd for torch.ops.simvq.*; run once by ``_ext.load``."""
     if _registered["done"]:
@@ -56,8 +41,9 @@ def _register_python_parts(module) -> None:
     torch.library.register_fake("simvq::nearest_code")(_fake_nearest_code)
     torch.library.register_fake("simvq::quantize")(_fake_quantize)
     torch.library.register_fake("simvq::quantize_backward")(_fake_quantize_backward)
-    torch.library.register_autograd("simvq::quantize", _backward,
-                                    setup_context=_setup_context)
+    register_quantize_autograd(
+        "simvq::quantize",
+        lambda g, basis, idx, weight: torch.ops.simvq.quantize_backward(g, basis, idx, weight))
     _registered["done"] = True
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import register_quantize_autograd
 from .nearest_code import nearest_code_triton
 from .prologue import project
 from .quantize_backward import quantize_backward_triton
@@ -108,22 +109,6 @@ def quantize_backward(grad_zq: Tensor, basis: Tensor, indices: Tensor, weight: T
     return _quantize_backward_impl(grad_zq, basis, indices, weight)
 
 
-def _setup(ctx, inputs, output):
-    z, basis, weight, bias = inputs
-    _, idx, dist = output
-    ctx.save_for_backward(basis, idx, weight)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(idx, dist)
-
-
-def _backward(ctx, grad_zq, grad_idx, grad_dist):
-    basis, idx, weight = ctx.saved_tensors
-    if grad_zq is None:
-        return None, None, None, None
-    dw, db = quantize_backward(grad_zq, basis, idx, weight)
-    return None, None, dw, (db if ctx.has_bias else None)
-
-
-quantize.register_autograd(_backward, setup_context=_setup)
+register_quantize_autograd(quantize, quantize_backward)
 
 ALL_OPS = (nearest_code, quantize, quantize_backward)
