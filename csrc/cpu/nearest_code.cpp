@@ -845,15 +845,8 @@ void remap_by_rows(const at::Tensor& rows, at::Tensor& idx) {
 }
 
 void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
-  SIMVQ_CHECK_DIM(z, 2);
-  SIMVQ_CHECK_DIM(codebook, 2);
-  SIMVQ_CHECK_FLOAT(z);
-  SIMVQ_CHECK_SAME_DTYPE(z, codebook);
-  SIMVQ_CHECK_SAME_DEVICE(z, codebook);
+  check_nearest_code_shapes(z, codebook);
   SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
-  SIMVQ_CHECK(z.size(1) == codebook.size(1), "width mismatch: `z` has d=", z.size(1),
-              " but `codebook` has d=", codebook.size(1));
-  SIMVQ_CHECK(codebook.size(0) >= 1, "`codebook` is empty (K=0); it needs at least one code");
   SIMVQ_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kMaxCodesPad,
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 1025 are supported");
 }
@@ -977,28 +970,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& z, const at::Tensor& basis, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias) {
-  SIMVQ_CHECK_DIM(z, 2);
-  SIMVQ_CHECK_DIM(basis, 2);
-  SIMVQ_CHECK_DIM(weight, 2);
-  SIMVQ_CHECK_FLOAT(z);
-  SIMVQ_CHECK_SAME_DTYPE(z, basis);
-  SIMVQ_CHECK_SAME_DTYPE(z, weight);
-  SIMVQ_CHECK_SAME_DEVICE(z, basis);
-  SIMVQ_CHECK_SAME_DEVICE(z, weight);
+  check_quantize_shapes(z, basis, weight, bias);
   SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
-  SIMVQ_CHECK(weight.size(0) == z.size(1), "`weight` must be (d, r) with d=", z.size(1),
-              " (the width of `z`), got shape ", weight.sizes());
-  SIMVQ_CHECK(weight.size(1) == basis.size(1), "`weight` must be (d, r) with r=",
-              basis.size(1), " (the width of `basis`), got shape ", weight.sizes());
-  SIMVQ_CHECK(basis.size(0) >= 1, "`basis` is empty (K=0); it needs at least one code");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    SIMVQ_CHECK_DIM(b, 1);
-    SIMVQ_CHECK_SAME_DTYPE(z, b);
-    SIMVQ_CHECK_SAME_DEVICE(z, b);
-    SIMVQ_CHECK(b.size(0) == z.size(1), "`bias` must have d=", z.size(1),
-                " elements, got ", b.size(0));
-  }
   const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // The implicit codebook, K x d (the size of the codebook itself, never N x K),
   // projected in the compute precision so low-precision inputs are not rounded twice.
