@@ -104,6 +104,8 @@ def main() -> int:
         c = cpu_kernel
         print(f"  {'isa':<10} {c['isa']} (native {c['native_isa']}, from {c['isa_from']}); "
               f"{c['small_d_path']}")
+        if c.get("float32_path"):
+            print(f"  {'paths':<10} {c['float32_path']}")
         print(f"  {'tile':<10} {c['tile_tokens']} tokens x {c['tile_codes']} codes "
               f"({c['tile_fp32_bytes'] // 1024} KiB of fp32; "
               + (f"chosen for an L2 share of {c['l2_share_bytes'] // 1024} KiB from "

@@ -1,7 +1,8 @@
 """Every code path of the CPU kernel, forced one by one on the machine that runs the tests.
 
-The CPU kernel picks its vector code (argmin epilogue, d <= 16 register path) from the
-processor's instruction set and its tile (tokens x codes per sgemm) from the L2 cache;
+The CPU kernel picks its vector code (float32: the d <= 16 register path and the
+register-blocked GEMM + argmin for d > 16; the argmin of the BLAS-tile path) from the
+processor's instruction set and its tile (tokens x codes) from the L2 cache;
 ``torch.ops.simvq.set_cpu_kernel_config`` (or SIMVQ_CPU_ISA / SIMVQ_CPU_TILE /
 SIMVQ_CPU_L2) forces them. So a plain ``pytest`` on an AVX-512 machine also runs the
 AVX2 and scalar paths, and every ISA runs with several tiles, including ones that do
@@ -9,14 +10,16 @@ not divide N or K, one-token tiles and a tile chosen for a 512 KiB L2.
 
 For every ISA (scalar, avx2, avx512) x tile:
 - picks and distances against the float64 oracle (design.md §3) on random inputs with
-  d <= 16 (register path) and d > 16 (tiled path), N and K not multiples of the tile;
+  d <= 16 (register path) and d > 16 (register-blocked path on AVX2/AVX-512, BLAS tiles
+  on scalar), N and K not multiples of the tile, the block or the panel;
 - exact duplicate codes (across tile and block edges) go to the lowest index, with
   exact index agreement on inputs with well-separated codes;
 - bit-identical results across repeated calls and across torch.set_num_threads(1, 2)
   (the thread count only decides where the code range is split).
 An ISA the CPU lacks is checked to fail with a clear error instead.
-Also: the d <= 16 path gives the same bits under AVX2 and AVX-512 (same FMAs in the same
-order) and for any L2 setting; the environment variables are read, and bad values get an
+Also: both float32 vector paths give the same bits under AVX2 and AVX-512 (same FMAs in
+the same order) and for any tile and L2 setting; exact ties on integer-valued data go to
+the lowest index on every path; the environment variables are read, and bad values get an
 error naming the variable (one subprocess).
 """
 from __future__ import annotations
@@ -36,7 +39,8 @@ from simvq_kernels import _ext
 
 ISAS = ["scalar", "avx2", "avx512"]
 TILES = ["auto", "1x64", "7x33", "64x1024", "256x1024", "33x250"]
-# (N, K, d): d <= 16 takes the register path (vector ISAs), d > 16 the tiled path
+# (N, K, d): d <= 16 takes the register path (vector ISAs), d > 16 the register-blocked
+# path (vector ISAs) or BLAS tiles (scalar)
 SHAPES = [(1, 300, 5), (257, 1031, 16), (130, 4099, 3), (300, 777, 17), (65, 2050, 64),
           (513, 300, 33), (40, 1100, 130), (9, 1, 8)]
 
@@ -199,6 +203,57 @@ def test_small_d_path_same_bits_on_every_vector_isa_and_l2(restore):
         for w, (i, dd) in results[1:]:
             assert torch.equal(i0, i) and torch.equal(d0.view(torch.int32), dd.view(torch.int32)), \
                 f"{w} differs from {w0} at {n}x{k}x{d}"
+
+
+def test_blocked_path_same_bits_on_every_vector_isa_tile_and_l2(restore):
+    """For d > 16 the register-blocked kernel forms every (token, code) value as
+    ||Q||^2 + sum_j z_j (-2 Q_j) with FMAs in j order, in whichever block, panel, lane,
+    tile or task it falls, and the AVX2 kernel runs the same FMAs on 8-lane halves: the
+    indices and distances are bit-identical across ISAs, tiles (set ones that cut
+    blocks and panels, and automatic ones for several L2 sizes) and thread counts."""
+    vector = [i for i in ("avx2", "avx512") if _supported(i)]
+    if not vector:
+        assert _config()["native_isa"] == "scalar"
+        return
+    g = torch.Generator().manual_seed(5)
+    for n, k, d in ((301, 5003, 17), (40, 2100, 64), (1000, 700, 33), (13, 999, 200)):
+        z = torch.randn(n, d, generator=g)
+        q = torch.randn(k, d, generator=g)
+        results = []
+        for isa in vector:
+            for tile, l2 in (("auto", "auto"), ("auto", "512K"), ("auto", "64K"),
+                             ("7x33", "auto"), ("100x1000", "auto")):
+                _set(isa=isa, tile=tile, l2=l2)
+                results.append(((isa, tile, l2), _run_twice_both_thread_counts(z, q)))
+        (w0, (i0, d0)) = results[0]
+        O.check_nearest(z, q, i0, d0, 0.0, what=f"{w0} {n}x{k}x{d}")
+        for w, (i, dd) in results[1:]:
+            assert torch.equal(i0, i) and torch.equal(d0.view(torch.int32), dd.view(torch.int32)), \
+                f"{w} differs from {w0} at {n}x{k}x{d}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [3, 24, 70])
+def test_exact_ties_go_to_lowest_index(isa, d, restore):
+    """0/1 vectors: every product and sum is exact in float32, so many codes tie
+    exactly (distance = Hamming distance), and each token must get the lowest index among its exact minima (computed
+    in int64 here), across blocks, panels, lanes and tiles."""
+    if not _force_or_check_error(isa):
+        return
+    g = torch.Generator().manual_seed(13 + d)
+    n, k = 301, 1500
+    q = torch.randint(0, 2, (k, d), generator=g).float()
+    z = torch.randint(0, 2, (n, d), generator=g).float()
+    dist_exact = ((z.long()[:, None, :] - q.long()[None, :, :]) ** 2).sum(-1)  # n x k
+    expect = (dist_exact == dist_exact.min(1, keepdim=True).values).int().argmax(1)
+    ties = (dist_exact == dist_exact.min(1, keepdim=True).values).sum(1)
+    assert (ties > 1).float().mean() > 0.3, "the data should tie often"
+    for tile in ("auto", "7x33", "40x100"):
+        _set(tile=tile)
+        idx, dist = _run_twice_both_thread_counts(z, q)
+        assert torch.equal(idx, expect), f"{isa} tile {tile} d={d}: " \
+            f"{(idx != expect).sum().item()} tokens not on the lowest tied index"
+        assert torch.equal(dist, dist_exact.min(1).values.float()), f"{isa} tile {tile} d={d}"
 
 
 def test_tile_choice_follows_l2(restore):

@@ -324,6 +324,12 @@ std::string describe(const KernelConfig& c) {
     << ", \"small_d_path\": "
     << json_string(small_d ? std::string(isa_name(c.isa)) + " register path for d <= 16 (float32)"
                            : std::string("off (scalar ISA: the tiled path serves every d)"))
+    << ", \"float32_path\": "
+    << json_string(small_d ? std::string("float32: ") + isa_name(c.isa) +
+                                 " register-blocked GEMM + argmin (" +
+                                 (c.isa == Isa::kAvx512 ? "12 tokens x 32 codes" : "6 tokens x 16 codes") +
+                                 " per block) for d > 16, no BLAS; float64: BLAS tiles"
+                           : std::string("float32 and float64: BLAS tiles + scalar argmin"))
     << ", \"summary\": "
     << json_string(std::string(isa_name(c.isa)) + " (native " + isa_name(c.native) + "), tile " +
                    std::to_string(c.tile_n) + " tokens x " + std::to_string(c.tile_k) +

@@ -1,9 +1,13 @@
 // simvq-kernels: run-time configuration of the CPU kernel (instruction set and tile).
 //
-// The kernel adapts to the processor it runs on: its vector code (argmin epilogue, the
-// d <= 16 register path) is picked from what the CPU supports, and the tile of the
-// tiled path (tokens x codes per single-threaded sgemm) from the L2 cache share of a
-// core, read once from /sys/devices/system/cpu/cpu0/cache (sysconf as a fallback).
+// The kernel adapts to the processor it runs on: its vector code (the register-blocked
+// GEMM + argmin for float32, the d <= 16 register path, the argmin of the BLAS-tile
+// path) is picked from what the CPU supports, and the tile (tokens x codes) from the L2
+// cache share of a core, read once from /sys/devices/system/cpu/cpu0/cache (sysconf as
+// a fallback). The BLAS-tile path (float64, scalar ISA) uses the tile as it is; the
+// register-blocked path rounds a set tile's codes up to whole 32- (AVX-512) or 16-code
+// (AVX2) panels, and with an automatic tile sizes the packed code tile by d (a quarter
+// of the L2 share) and rounds the tokens up to whole blocks.
 // Environment overrides, read once per process on the kernel's first use:
 //
 //   SIMVQ_CPU_ISA  = auto | scalar | avx2 | avx512   vector code to run (the CPU must
@@ -33,7 +37,7 @@ const char* isa_name(Isa isa);
 struct KernelConfig {
   Isa isa;              // vector code the kernel runs
   Isa native;           // best the CPU supports
-  int64_t tile_n;       // tokens per tile (tiled path)
+  int64_t tile_n;       // tokens per tile
   int64_t tile_k;       // codes per tile
   int64_t l1d, l2, l3;  // cache sizes in bytes (per instance; 0 if unknown)
   int64_t l2_share;     // L2 bytes per core the tile is chosen for

@@ -1,25 +1,30 @@
 // simvq-kernels: fused nearest-code search, SimVQ quantize and its backward on CPU.
 //
 // Forward: for each token z_n find argmin_k ||z_n - Q_k||^2 without building the
-// N x K distance matrix. Work is cut into tiles of tile_n tokens x tile_k codes;
-// each tile's -2 z.Q^T is one cache-resident single-threaded sgemm into a per-thread
-// buffer, and the buffer is reduced into a running (min, argmin) per token before the
-// next tile overwrites it. Only ||Q_k||^2 - 2 z.Q_k is compared (||z||^2 is constant
-// per token) and ||z||^2 is added once at the end for the returned distance. The tile
-// is chosen at run time to fit the L2 share of a core, and the vector code (argmin,
-// d <= 16 register path) from the CPU's instruction set; both can be forced
-// (cpu_config.h).
+// N x K distance matrix. Only ||Q_k||^2 - 2 z.Q_k is compared (||z||^2 is constant per
+// token) and ||z||^2 is added once at the end for the returned distance. Three paths,
+// picked from the dtype, d and the CPU's instruction set (cpu_config.h; all forcible):
+//  - float32 on AVX-512 / AVX2, d <= 16: distances formed in registers, 4 tokens x 32
+//    codes per step (small_d_search);
+//  - float32 on AVX-512 / AVX2, d > 16: a register-blocked GEMM with the argmin as its
+//    epilogue (12 tokens x 32 codes per block on AVX-512, 6 x 16 on AVX2) over packed
+//    code panels; the products never leave the registers and no BLAS is called, so the
+//    speed does not depend on which kernel a BLAS picks for the CPU
+//    (nearest_code_blocked);
+//  - float64, or the scalar ISA: tiles of tile_n tokens x tile_k codes, each tile's
+//    -2 z.Q^T one cache-resident single-threaded BLAS gemm into a per-thread buffer,
+//    reduced into a running (min, argmin) per token before the next tile overwrites it
+//    (nearest_code_kernel). The first tile of a token's code range is reduced in one
+//    pass (a per-lane argmin); later tiles use the two-pass scheme below.
+// Tiles are chosen at run time from the L2 share of a core.
 //
-// Determinism: the tiling depends on N, K and the configuration (ISA, tile) only, never
-// on the thread count, so every tile's sgemm has the same shape and inputs on every
-// run. Threads take whole token tiles; when there are too few token tiles to fill the
-// threads, the code range is split at tile boundaries and the partial results are
+// Determinism: the tiling depends on N, K, d and the configuration (ISA, tile) only,
+// never on the thread count, so every value is computed with the same operations on
+// every run. Threads take whole token tiles; when there are too few token tiles to fill
+// the threads, the code range is split at tile boundaries and the partial results are
 // merged in code order with a strict '<', so the lowest index wins ties exactly as a
-// sequential scan would.
-//
-// The first tile of a token's code range is reduced in one pass (a per-lane argmin);
-// later tiles use the two-pass scheme below. ||z||^2 and the returned distance are
-// computed in the same task, while the tile's tokens are in cache.
+// sequential scan would. ||z||^2 and the returned distance are computed in the same
+// task, while the tile's tokens are in cache.
 //
 // Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over fixed chunks
 // of tokens (memory O(chunk * r) per chunk in flight), grad_bias = sum_n grad_zq; no
@@ -403,8 +408,8 @@ inline void update_best(const RowArgminF32&, const double* c, const double* qn, 
 // The per-thread tile buffer (at least `elems` values), allocated once per thread and
 // reused by every call (grown if a call needs a larger tile); never zero-filled, since
 // every element read was written by the tile's gemm first.
-template <typename T>
-T* thread_tile(int64_t elems) {
+template <typename T, int Slot = 0>
+T* thread_buffer(int64_t elems) {
   thread_local std::unique_ptr<T[]> buf;
   thread_local int64_t size = 0;
   if (size < elems) {
@@ -413,13 +418,25 @@ T* thread_tile(int64_t elems) {
   }
   return buf.get();
 }
+template <typename T>
+T* thread_tile(int64_t elems) {
+  return thread_buffer<T, 3>(elems);
+}
 
-// ||z_n||^2 accumulated in double.
+// ||z_n||^2 accumulated in double, in four interleaved partial sums (a fixed order, so
+// the same bits every time; one running sum would be a chain of dependent adds).
 template <typename T>
 double sq_norm(const T* x, int64_t d) {
-  double s = 0;
-  for (int64_t j = 0; j < d; ++j) s += double(x[j]) * double(x[j]);
-  return s;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    s0 += double(x[j]) * double(x[j]);
+    s1 += double(x[j + 1]) * double(x[j + 1]);
+    s2 += double(x[j + 2]) * double(x[j + 2]);
+    s3 += double(x[j + 3]) * double(x[j + 3]);
+  }
+  for (; j < d; ++j) s0 += double(x[j]) * double(x[j]);
+  return (s0 + s1) + (s2 + s3);
 }
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
@@ -731,6 +748,266 @@ bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q
 #endif
 }
 
+// ------------------------------------------------- register-blocked fused search
+// float32 with d > 16 on AVX-512 / AVX2: the tile product is not a BLAS call but a
+// register-blocked kernel whose output never leaves the registers. The codebook is
+// packed once per call into panels of NR codes, dimension-major and scaled by -2
+// (exact), with ||Q||^2 beside them (+inf for padding codes), and each task's tokens
+// into blocks of MR, dimension-major. For a block of MR tokens and one panel, MR x NR
+// accumulators start at ||Q||^2 and take v = ||Q||^2 + sum_j z_j (-2 Q_j) as FMAs in j
+// order; the result is folded at once, without a branch, into a per-token, per-lane
+// running (min, position), seeded with the token's best from earlier code tiles and
+// updated with a strict '<' in increasing code order. A block streams the packed codes
+// of one code tile (sized to stay in L2) while its tokens stay in L1.
+//
+// Every (token, code) value is formed by the same operations in the same order wherever
+// it sits (tile, panel, lane, task), so exact duplicate codes get identical values and
+// the result depends on neither the thread count nor the tile; the AVX2 kernel runs the
+// same FMAs on 8-lane halves, so both ISAs give the same values bit for bit. It is also
+// the formula of the d <= 16 path. No BLAS is called, so the speed does not depend on
+// which kernel a BLAS picks for the CPU (MKL runs its AVX2 code on AMD processors that
+// have AVX-512).
+//
+// Memory: the packed codebook (K x d floats, rounded up to whole panels) per call; per
+// thread, the task's packed tokens (tile_n x d floats, rounded up to whole blocks).
+#ifdef SIMVQ_X86
+constexpr int kMr512 = 12, kNr512 = 32;  // 24 accumulators of 32 zmm registers
+constexpr int kMr256 = 6, kNr256 = 16;   // 12 accumulators of 16 ymm registers
+// The packed codes are read as one sequential stream from L2; each step prefetches the
+// line this many steps ahead into L1 (a prefetch past the end is harmless).
+constexpr int kPrefetchAhead = 16;
+
+// dst[p][j][l] = -2 q[k0 + p NR + l][j] for the panels covering codes [k0, k0 + bk);
+// padding codes are 0 with ||Q||^2 = +inf, so they never win.
+void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int64_t bk,
+                    int nr, float* dst, float* qdst) {
+  const int64_t panels = (bk + nr - 1) / nr;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* pd = dst + p * nr * d;
+    for (int l = 0; l < nr; ++l) {
+      const int64_t k = p * nr + l;
+      if (k < bk) {
+        const float* row = q + (k0 + k) * d;
+        for (int64_t j = 0; j < d; ++j) pd[j * nr + l] = -2.f * row[j];
+        qdst[k] = qn[k0 + k];
+      } else {
+        for (int64_t j = 0; j < d; ++j) pd[j * nr + l] = 0.f;
+        qdst[k] = std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
+
+// dst[b][j][r] = z[n0 + b MR + r][j] for tokens [n0, n1); rows past n1 repeat the
+// block's first token (their results are dropped).
+void pack_token_tile(const float* z, int64_t d, int64_t n0, int64_t n1, int mr, float* dst) {
+  const int64_t blocks = (n1 - n0 + mr - 1) / mr;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* bd = dst + b * mr * d;
+    for (int r = 0; r < mr; ++r) {
+      int64_t n = n0 + b * mr + r;
+      if (n >= n1) n = n0 + b * mr;
+      const float* row = z + n * d;
+      for (int64_t j = 0; j < d; ++j) bd[j * mr + r] = row[j];
+    }
+  }
+}
+
+// One block of kMr512 tokens (packed a) against `panels` panels of kNr512 codes (packed
+// b, norms qb) whose first code is k0; folds the block's results into val/idx[0..rows)
+// (strict '<': earlier tiles hold lower indices).
+__attribute__((target("avx512f"))) void block_scan_avx512(
+    const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
+    int rows, float* val, int64_t* idx) {
+  constexpr int MR = kMr512, NR = kNr512;
+  alignas(64) float bv[MR][16];
+  alignas(64) int32_t bi[MR][16];
+  for (int r = 0; r < MR; ++r) {
+    const float seed = r < rows ? val[r] : std::numeric_limits<float>::infinity();
+    _mm512_store_ps(bv[r], _mm512_set1_ps(seed));
+    _mm512_store_si512(bi[r], _mm512_set1_epi32(-1));
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* bq = b + p * NR * d;
+    const __m512 n0 = _mm512_loadu_ps(qb + p * NR), n1 = _mm512_loadu_ps(qb + p * NR + 16);
+    __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      c0[r] = n0;
+      c1[r] = n1;
+    }
+    const float* ap = a;
+    for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
+      _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
+      const __m512 b0 = _mm512_loadu_ps(bq), b1 = _mm512_loadu_ps(bq + 16);
+#pragma GCC unroll 12
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(ap[r]);
+        c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+        c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+      }
+    }
+    // codes p NR + l (c0) before p NR + 16 + l (c1): strict '<' keeps the lower on ties
+    const __m512i pos0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(p * NR)));
+    const __m512i pos1 = _mm512_add_epi32(pos0, _mm512_set1_epi32(16));
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      __m512 v = _mm512_load_ps(bv[r]);
+      __m512i ix = _mm512_load_si512(bi[r]);
+      __mmask16 lt = _mm512_cmp_ps_mask(c0[r], v, _CMP_LT_OQ);
+      v = _mm512_mask_mov_ps(v, lt, c0[r]);
+      ix = _mm512_mask_mov_epi32(ix, lt, pos0);
+      lt = _mm512_cmp_ps_mask(c1[r], v, _CMP_LT_OQ);
+      _mm512_store_ps(bv[r], _mm512_mask_mov_ps(v, lt, c1[r]));
+      _mm512_store_si512(bi[r], _mm512_mask_mov_epi32(ix, lt, pos1));
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m512 v = _mm512_load_ps(bv[r]);
+    const float m = _mm512_reduce_min_ps(v);
+    if (m < val[r]) {  // lanes that reach m improved on the seed, so their index is set;
+                       // each holds its earliest position of m: the lowest one wins
+      const __mmask16 eq = _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ);
+      val[r] = m;
+      idx[r] = k0 + _mm512_mask_reduce_min_epi32(eq, _mm512_load_si512(bi[r]));
+    }
+  }
+}
+
+// block_scan_avx512 on 8-lane vectors: blocks of kMr256 tokens, panels of kNr256 codes
+// (two halves of 8), the same FMAs in the same order per (token, code).
+__attribute__((target("avx2,fma"))) void block_scan_avx2(
+    const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
+    int rows, float* val, int64_t* idx) {
+  constexpr int MR = kMr256, NR = kNr256;
+  alignas(32) float bv[MR][8];
+  alignas(32) int32_t bi[MR][8];
+  for (int r = 0; r < MR; ++r) {
+    const float seed = r < rows ? val[r] : std::numeric_limits<float>::infinity();
+    _mm256_store_ps(bv[r], _mm256_set1_ps(seed));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bi[r]), _mm256_set1_epi32(-1));
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* bq = b + p * NR * d;
+    const __m256 n0 = _mm256_loadu_ps(qb + p * NR), n1 = _mm256_loadu_ps(qb + p * NR + 8);
+    __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      c0[r] = n0;
+      c1[r] = n1;
+    }
+    const float* ap = a;
+    for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
+      _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
+      const __m256 b0 = _mm256_loadu_ps(bq), b1 = _mm256_loadu_ps(bq + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        const __m256 av = _mm256_broadcast_ss(ap + r);
+        c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+        c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+      }
+    }
+    const __m256 pos0 = _mm256_castsi256_ps(
+        _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(p * NR))));
+    const __m256 pos1 = _mm256_castsi256_ps(
+        _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(p * NR + 8))));
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      float* bir = reinterpret_cast<float*>(bi[r]);
+      __m256 v = _mm256_load_ps(bv[r]);
+      __m256 ix = _mm256_load_ps(bir);
+      __m256 lt = _mm256_cmp_ps(c0[r], v, _CMP_LT_OQ);
+      v = _mm256_blendv_ps(v, c0[r], lt);
+      ix = _mm256_blendv_ps(ix, pos0, lt);
+      lt = _mm256_cmp_ps(c1[r], v, _CMP_LT_OQ);
+      _mm256_store_ps(bv[r], _mm256_blendv_ps(v, c1[r], lt));
+      _mm256_store_ps(bir, _mm256_blendv_ps(ix, pos1, lt));
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float m = std::numeric_limits<float>::infinity();
+    for (int l = 0; l < 8; ++l) m = std::min(m, bv[r][l]);
+    if (m < val[r]) {
+      int32_t mi = std::numeric_limits<int32_t>::max();
+      for (int l = 0; l < 8; ++l)
+        if (bv[r][l] == m) mi = std::min(mi, bi[r][l]);
+      val[r] = m;
+      idx[r] = k0 + mi;
+    }
+  }
+}
+
+// Codes per tile of the register-blocked path: a set tile (SIMVQ_CPU_TILE) is rounded up
+// to whole panels; the automatic one keeps the packed code tile within a quarter of the
+// L2 share (it is streamed once per token block), at least 8 panels, at most 8192 codes.
+int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
+  if (cfg.tile_from != "auto") return (cfg.tile_k + nr - 1) / nr * nr;
+  const int64_t fit = cfg.l2_share / 4 / (d * int64_t(sizeof(float)));
+  return std::max<int64_t>(8 * nr, std::min<int64_t>(8192, fit / nr * nr));
+}
+
+// The search for float32 on a vector ISA (any d; the d <= 16 path runs first where it
+// applies). The codebook is packed once per call (K x d floats rounded up to whole
+// panels); threads take whole token tiles, and the code range is split at code-tile
+// boundaries only when there are too few token tiles (merged in code order).
+void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const float* q,
+                          const float* qn, int64_t N, int64_t K, int64_t d,
+                          int64_t* out_idx, float* out_val) {
+  const bool wide = cfg.isa == Isa::kAvx512;
+  const int mr = wide ? kMr512 : kMr256, nr = wide ? kNr512 : kNr256;
+  auto* scan = wide ? block_scan_avx512 : block_scan_avx2;
+  const int64_t panels = (K + nr - 1) / nr;
+  std::vector<float> codes(panels * nr * d), norms(panels * nr);
+  at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      pack_code_tile(q, qn, d, p * nr, std::min<int64_t>(nr, K - p * nr), nr,
+                     codes.data() + p * nr * d, norms.data() + p * nr);
+    }
+  });
+  // an automatic token tile is rounded up to whole blocks
+  const int64_t tile_n = cfg.tile_from == "auto" ? (cfg.tile_n + mr - 1) / mr * mr : cfg.tile_n;
+  const int64_t tile_k = blocked_tile_codes(cfg, d, nr);
+  const int64_t n_tiles = (N + tile_n - 1) / tile_n;
+  const int64_t k_tiles = (K + tile_k - 1) / tile_k;
+  const auto [splits, tiles_per_split] = split_code_range(n_tiles, k_tiles);
+  std::vector<float> part_val(splits > 1 ? splits * N : 0);
+  std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
+
+  at::parallel_for(0, n_tiles * splits, 1, [&](int64_t t_begin, int64_t t_end) {
+    float* tokens = thread_buffer<float, 0>((tile_n + mr - 1) / mr * mr * d);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t nt = t / splits, sp = t % splits;
+      const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n), bn = n1 - n0;
+      const int64_t kb = sp * tiles_per_split * tile_k;
+      const int64_t ke = std::min(K, kb + tiles_per_split * tile_k);
+      float* val = splits > 1 ? part_val.data() + sp * N + n0 : out_val + n0;
+      int64_t* idx = splits > 1 ? part_idx.data() + sp * N + n0 : out_idx + n0;
+      for (int64_t i = 0; i < bn; ++i) {
+        val[i] = std::numeric_limits<float>::infinity();
+        idx[i] = kb;  // only kept if every value is +inf, which finite inputs exclude
+      }
+      pack_token_tile(z, d, n0, n1, mr, tokens);
+      const int64_t blocks = (bn + mr - 1) / mr;
+      for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
+        const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
+        const float* ct = codes.data() + k0 * d;
+        const float* nt_ = norms.data() + k0;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int rows = int(std::min<int64_t>(mr, bn - b * mr));
+          scan(tokens + b * mr * d, ct, nt_, d, tp, k0, rows, val + b * mr, idx + b * mr);
+        }
+      }
+      if (splits == 1) {  // the tile's tokens are still in cache
+        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
+      }
+    }
+  });
+  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
+}
+#endif
+
 template <typename T>
 void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, int64_t N,
                          int64_t K, int64_t d, int64_t* out_idx, T* out_val) {
@@ -740,6 +1017,14 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
     for (int64_t k = b; k < e; ++k) qn[k] = static_cast<T>(sq_norm(q + k * d, d));
   });
 
+#ifdef SIMVQ_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cfg.isa != Isa::kScalar) {  // float32 on a vector ISA: no BLAS tile products
+      nearest_code_blocked(cfg, z, q, qn.data(), N, K, d, out_idx, out_val);
+      return;
+    }
+  }
+#endif
   const int64_t tile_n = cfg.tile_n, tile_k = cfg.tile_k;
   const RowArgminF32 f = row_argmin_f32_for(cfg.isa);
   const int64_t n_tiles = (N + tile_n - 1) / tile_n;

@@ -7,7 +7,8 @@ from .compiled import CompiledBackend
 
 class CPUBackend(CompiledBackend):
     name = "cpu"
-    description = "fused C++ kernel: tiled sgemm + vectorised argmin, multithreaded"
+    description = ("fused C++ kernel: register-blocked AVX-512/AVX2 GEMM with an argmin "
+                   "epilogue (BLAS tiles for float64 and the scalar ISA), multithreaded")
     devices = ("cpu",)
     dtypes = FLOAT_DTYPES
     auto = True

@@ -37,6 +37,11 @@ def machine_info(device) -> dict:
         info["cpu kernel"] = kernel
     info["openblas environment"] = ", ".join(
         f"{v}={os.environ[v]}" for v in PEER_BLAS_VARS if v in os.environ) or "unset"
+    # MKL_ENABLE_INSTRUCTIONS caps the instruction set of torch's MKL (e.g. AVX2 on an
+    # AVX-512 machine, to stand in for an AVX2-only CPU): it lowers the matmul ceiling
+    info["mkl environment"] = ", ".join(
+        f"{v}={os.environ[v]}" for v in ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+        if v in os.environ) or "unset"
     if device.type == "cuda":
         info.update(gpu_info(device))
     info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -162,7 +167,9 @@ def cpu_kernel_config() -> str:
         extra = [f"{k.replace('_from', '')} from {cfg[k]}" for k in ("isa_from", "tile_from")
                  if cfg.get(k)]
         small = cfg.get("small_d_path")
-        return cfg["summary"] + "".join(f"; {x}" for x in extra + ([small] if small else []))
+        blocked = cfg.get("float32_path")
+        return cfg["summary"] + "".join(f"; {x}" for x in extra + ([small] if small else [])
+                                        + ([blocked] if blocked else []))
     parts = []
     isa = cfg.get("isa")
     if isa:
