@@ -424,9 +424,32 @@ T* thread_tile(int64_t elems) {
 }
 
 // ||z_n||^2 accumulated in double, in four interleaved partial sums (a fixed order, so
-// the same bits every time; one running sum would be a chain of dependent adds).
+// the same bits every time; one running sum would be a chain of dependent adds). For
+// float32 on a CPU with AVX2 the four sums are the lanes of one vector: the squares of
+// float32 values are exact in double, so fma(x, x, s) = s + x * x and the bits are the
+// same as the scalar loop's.
+#ifdef SIMVQ_X86
+__attribute__((target("avx2,fma"))) double sq_norm_f32_avx2(const float* x, int64_t d) {
+  __m256d acc = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+    acc = _mm256_fmadd_pd(v, v, acc);
+  }
+  alignas(32) double s[4];
+  _mm256_store_pd(s, acc);
+  for (; j < d; ++j) s[0] += double(x[j]) * double(x[j]);
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+const bool kHaveAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
 template <typename T>
 double sq_norm(const T* x, int64_t d) {
+#ifdef SIMVQ_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (kHaveAvx2Fma) return sq_norm_f32_avx2(x, d);
+  }
+#endif
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t j = 0;
   for (; j + 4 <= d; j += 4) {
@@ -773,6 +796,7 @@ bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q
 #ifdef SIMVQ_X86
 constexpr int kMr512 = 12, kNr512 = 32;  // 24 accumulators of 32 zmm registers
 constexpr int kMr256 = 6, kNr256 = 16;   // 12 accumulators of 16 ymm registers
+static_assert(kMr512 <= 32 && kMr256 <= 32, "pack_token_tile holds at most 32 row pointers");
 // The packed codes are read as one sequential stream from L2; each step prefetches the
 // line this many steps ahead into L1 (a prefetch past the end is harmless).
 constexpr int kPrefetchAhead = 16;
@@ -802,14 +826,15 @@ void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int6
 // block's first token (their results are dropped).
 void pack_token_tile(const float* z, int64_t d, int64_t n0, int64_t n1, int mr, float* dst) {
   const int64_t blocks = (n1 - n0 + mr - 1) / mr;
+  const float* rows[32];
   for (int64_t b = 0; b < blocks; ++b) {
     float* bd = dst + b * mr * d;
     for (int r = 0; r < mr; ++r) {
-      int64_t n = n0 + b * mr + r;
-      if (n >= n1) n = n0 + b * mr;
-      const float* row = z + n * d;
-      for (int64_t j = 0; j < d; ++j) bd[j * mr + r] = row[j];
+      const int64_t n = n0 + b * mr + r;
+      rows[r] = z + (n < n1 ? n : n0 + b * mr) * d;
     }
+    for (int64_t j = 0; j < d; ++j, bd += mr)  // contiguous stores
+      for (int r = 0; r < mr; ++r) bd[r] = rows[r][j];
   }
 }
 
