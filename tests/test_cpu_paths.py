@@ -254,6 +254,34 @@ def test_exact_ties_go_to_lowest_index(isa, d, restore):
         assert torch.equal(idx, expect), f"{isa} tile {tile} d={d}: " \
             f"{(idx != expect).sum().item()} tokens not on the lowest tied index"
         assert torch.equal(dist, dist_exact.min(1).values.float()), f"{isa} tile {tile} d={d}"
+    # a few tokens: too few token tiles for the threads, so the code range is split and
+    # the splits' ties are merged in code order
+    _set(tile="100x40")
+    idx, dist = _run_twice_both_thread_counts(z[:5], q)
+    assert torch.equal(idx, expect[:5]), f"{isa} split code range d={d}: {idx} vs {expect[:5]}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [24, 40])
+def test_ties_inside_a_lane_go_to_the_lower_code(isa, d, restore):
+    """Codes 5, 13 and 21 are equally near the token and every other code is far: 13 is
+    code 5's partner in the same lane of a 16-code panel (AVX2: two 8-lane halves), 21
+    in a 32-code panel (AVX-512: two 16-lane vectors), so folding a panel's second
+    vector before its first, or a '<=' anywhere, picks 13 or 21 instead of 5. Further
+    equally near codes sit in later panels and tiles (37, 69, 133)."""
+    if not _force_or_check_error(isa):
+        return
+    k = 200
+    q = torch.full((k, d), 3.0)
+    for code, dim in ((21, 0), (13, 1), (5, 2), (37, 3), (69, 4), (133, 5)):
+        q[code] = 0.0
+        q[code, dim] = 1.0  # distinct rows (no duplicate remapping), all at distance 1
+    z = torch.zeros(3, d)
+    for tile in ("auto", "1x16", "1x32", "7x33", "100x40"):
+        _set(tile=tile)
+        idx, dist = _run_twice_both_thread_counts(z, q)
+        assert idx.tolist() == [5, 5, 5], f"{isa} tile {tile} d={d}: {idx.tolist()}"
+        assert dist.tolist() == [1.0, 1.0, 1.0], f"{isa} tile {tile} d={d}: {dist.tolist()}"
 
 
 def test_tile_choice_follows_l2(restore):

@@ -328,7 +328,9 @@ std::string describe(const KernelConfig& c) {
     << json_string(small_d ? std::string("float32: ") + isa_name(c.isa) +
                                  " register-blocked GEMM + argmin (" +
                                  (c.isa == Isa::kAvx512 ? "12 tokens x 32 codes" : "6 tokens x 16 codes") +
-                                 " per block) for d > 16, no BLAS; float64: BLAS tiles"
+                                 " per block) for d > 16, no BLAS, over code tiles of a quarter "
+                                 "of the L2 share of packed codes (a set tile: its codes rounded "
+                                 "up to whole panels); float64: BLAS tiles of the tile below"
                            : std::string("float32 and float64: BLAS tiles + scalar argmin"))
     << ", \"summary\": "
     << json_string(std::string(isa_name(c.isa)) + " (native " + isa_name(c.native) + "), tile " +

@@ -403,11 +403,9 @@ inline void update_best(const RowArgminF32&, const double* c, const double* qn, 
   }
 }
 
-// Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
-// (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
-// The per-thread tile buffer (at least `elems` values), allocated once per thread and
-// reused by every call (grown if a call needs a larger tile); never zero-filled, since
-// every element read was written by the tile's gemm first.
+// A per-thread buffer (at least `elems` values; one per Slot), allocated once per thread
+// and reused by every call (grown if a call needs more); never zero-filled, since every
+// element read was written first (by the tile's gemm, or by pack_token_tile).
 template <typename T, int Slot = 0>
 T* thread_buffer(int64_t elems) {
   thread_local std::unique_ptr<T[]> buf;
@@ -796,7 +794,6 @@ bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q
 #ifdef SIMVQ_X86
 constexpr int kMr512 = 12, kNr512 = 32;  // 24 accumulators of 32 zmm registers
 constexpr int kMr256 = 6, kNr256 = 16;   // 12 accumulators of 16 ymm registers
-static_assert(kMr512 <= 32 && kMr256 <= 32, "pack_token_tile holds at most 32 row pointers");
 // The packed codes are read as one sequential stream from L2; each step prefetches the
 // line this many steps ahead into L1 (a prefetch past the end is harmless).
 constexpr int kPrefetchAhead = 16;
@@ -827,6 +824,7 @@ void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int6
 void pack_token_tile(const float* z, int64_t d, int64_t n0, int64_t n1, int mr, float* dst) {
   const int64_t blocks = (n1 - n0 + mr - 1) / mr;
   const float* rows[32];
+  TORCH_INTERNAL_ASSERT(mr <= 32, "pack_token_tile: block of ", mr, " rows");
   for (int64_t b = 0; b < blocks; ++b) {
     float* bd = dst + b * mr * d;
     for (int r = 0; r < mr; ++r) {
@@ -1001,7 +999,7 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
 
   at::parallel_for(0, n_tiles * splits, 1, [&](int64_t t_begin, int64_t t_end) {
-    float* tokens = thread_buffer<float, 0>((tile_n + mr - 1) / mr * mr * d);
+    float* tokens = thread_buffer<float, 0>((std::min(tile_n, N) + mr - 1) / mr * mr * d);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t nt = t / splits, sp = t % splits;
       const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n), bn = n1 - n0;
