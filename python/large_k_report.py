@@ -68,6 +68,17 @@ def main(argv=None):
     task = runs[0][1]["task"]
     metric = "psnr" if task == "images" else "snr"
     results = [flat_result(n, p) for n, p in runs]
+    # several runs of one quantiser at one K (e.g. a longer budget): label them by budget
+    seen = {}
+    for r in results:
+        seen.setdefault((r["codebook_size"], r["quantiser"]), []).append(r)
+    for group in seen.values():
+        if len(group) > 1:
+            for i, r in enumerate(group):
+                budget = (f"{r['cpu_budget_minutes']:g} CPU-min" if r["cpu_budget_minutes"]
+                          else f"{r['steps_done']} steps")
+                r["label"] = f"{NAMES.get(r['quantiser'], r['quantiser'])}, {budget}"
+                r["linestyle"] = ("-", "--", ":", "-.")[i % 4]
     # runs made before the environment was recorded as a dict hold a one-line string
     run_envs = {n: (p["environment"] if isinstance(p["environment"], dict) else {})
                 for n, p in runs}
@@ -94,28 +105,30 @@ def main(argv=None):
             w.writerow([r.get(c) for c in cols])
 
     m = metric.upper()
-    head = ["K", "quantiser", "Adam lr", "steps done", "train CPU (min)",
+    head = ["K", "quantiser", "run", "CPU", "Adam lr", "steps done", "train CPU (min)",
             "train wall (min)", "stopped by", "held-out utilisation", "codes used", "perplexity", "MSE",
             f"{m} (dB)", "held-out tokens per code", "final evaluation (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         lines.append("| " + " | ".join([
-            str(r["codebook_size"]), NAMES.get(r["quantiser"], r["quantiser"]), f"{r['lr']:g}",
+            str(r["codebook_size"]), NAMES.get(r["quantiser"], r["quantiser"]), r["run"],
+            run_envs[r["run"]].get("cpu_model") or "not recorded", f"{r['lr']:g}",
             str(r["steps_done"]), f"{r['train_cpu_seconds'] / 60:.1f}",
             f"{r['train_seconds'] / 60:.1f}", r["stopped_by"], format_percent(r["utilisation"]),
             str(r["used"]), f"{r['perplexity']:.1f}", f"{r['mse']:.5f}", f"{r[metric]:.2f}",
             f"{r['tokens_per_code']:.1f}", f"{r['eval_seconds']:.0f}"]) + " |")
-    curve = ["| K | quantiser | step | train CPU (min) | held-out utilisation | "
-             "codes used |", "|---|---|---|---|---|---|"]
+    curve = ["| K | quantiser | run | step | train CPU (min) | held-out utilisation | "
+             "codes used |", "|---|---|---|---|---|---|---|"]
     for r in results:
         pts = [h for h in r["history"] if "heldout_utilisation" in h]
         if not pts:
             continue
         for h in pts:
-            curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | {h['step']} "
+            curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | {r['run']} "
+                         f"| {h['step']} "
                          f"| {h['train_cpu_seconds'] / 60:.1f} | "
                          f"{format_percent(h['heldout_utilisation'])} | {h['heldout_used']} |")
-        curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | "
+        curve.append(f"| {r['codebook_size']} | {NAMES.get(r['quantiser'])} | {r['run']} | "
                      f"{r['steps_done']} (end) | {r['train_cpu_seconds'] / 60:.1f} | "
                      f"{format_percent(r['utilisation'])} | {r['used']} |")
     cfg0 = runs[0][1]["config"]
@@ -135,9 +148,11 @@ def main(argv=None):
             f"and SimVQ trained side by side (two processes, one torch thread each) for the "
             f"same training budget ({budget_text}; the held-out evaluations during training "
             f"are not counted), then encoded a held-out set of >= 10 tokens per code. "
-            f"{lr_text}. CPU: {env0.get('cpu_model')} ({env0.get('cpu_count')} cores, "
-            f"shared with other jobs, runs at nice 19), torch {env0.get('torch')}. Code: "
-            f"{'; '.join(commits)}.\n\n")
+            f"{lr_text}. Runs that share a K and a budget ran side by side; a longer "
+            f"budget for one quantiser is a separate run, labelled by its budget. CPU (per "
+            f"run in the table): {', '.join(sorted(e for e in envs if e)) or 'not recorded'} "
+            f"({env0.get('cpu_count')} cores, shared with other jobs, runs at nice 19), torch "
+            f"{env0.get('torch')}. Code: {'; '.join(commits)}.\n\n")
         f.write("\n".join(lines) + "\n\n")
         if len(curve) > 2:
             f.write("Held-out utilisation during training (evaluations made during the "

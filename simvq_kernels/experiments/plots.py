@@ -71,7 +71,8 @@ def plot_utilisation_vs_k(results, path, title="", recon_metric="psnr"):
 
 def plot_utilisation_over_steps(results, path, window, title=""):
     """Per K: fraction of codes picked by the training batches of the last ``window``
-    steps (lines) and the final held-out utilisation (markers at the last step)."""
+    steps (lines) and the final held-out utilisation (markers at the last step). A result
+    may carry its own ``label`` and ``linestyle`` (several runs of one quantiser per K)."""
     plt = _plt()
     ks = sorted({r["codebook_size"] for r in results})
     fig, axes = plt.subplots(1, len(ks), figsize=(max(3.2 * len(ks), 6.4), 3.0),
@@ -81,7 +82,8 @@ def plot_utilisation_over_steps(results, path, window, title=""):
             h = r["history"]
             kind = r["quantiser"]
             ax.plot([p["step"] for p in h], [100 * p["window_utilisation"] for p in h],
-                    color=COLOURS.get(kind), label=LABELS.get(kind, kind))
+                    color=COLOURS.get(kind), label=r.get("label") or LABELS.get(kind, kind),
+                    ls=r.get("linestyle", "-"))
             ax.plot([h[-1]["step"]], [100 * r["utilisation"]], "D", color=COLOURS.get(kind),
                     markersize=5)
             mid = [p for p in h if "heldout_utilisation" in p]
