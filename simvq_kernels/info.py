@@ -102,8 +102,7 @@ def main() -> int:
         print(f"  {'error':<10} {cpu_kernel['error']}")
     else:
         c = cpu_kernel
-        print(f"  {'isa':<10} {c['isa']} (native {c['native_isa']}, from {c['isa_from']}); "
-              f"{c['small_d_path']}")
+        print(f"  {'isa':<10} {c['isa']} (native {c['native_isa']}, from {c['isa_from']})")
         if c.get("float32_path"):
             print(f"  {'paths':<10} {c['float32_path']}")
         print(f"  {'tile':<10} {c['tile_tokens']} tokens x {c['tile_codes']} codes "

@@ -105,10 +105,10 @@ def test_duplicate_codes_lowest_index_wins(backend, k):
     check_nearest(z, cb, idx, dist, u=0.0)
 
 
-# The CPU kernel's small-d path (d <= 16 with AVX-512: register-blocked FMAs over
-# blocks of 16 codes, 4 tokens at a time, two blocks per step, 4096 codes per pass,
-# code-range splits when few token tiles): its edges are K around multiples of 16, 32
-# and 4096, N around multiples of 4 and of the 256-token tile, and d = 1..16 vs 17.
+# Small d on the CPU kernel's register-blocked path (12 tokens x 32 codes per block on
+# AVX-512, 6 x 16 on AVX2, code tiles of up to 8192 codes, code-range splits when few
+# token tiles): edges at K around multiples of 16, 32 and 4096, N around block and
+# token-tile multiples, d = 1..17.
 SMALL_D_SHAPES = [(1, 1, 1), (3, 15, 2), (5, 16, 8), (7, 17, 16), (257, 31, 5),
                   (258, 32, 13), (1030, 33, 16), (1029, 4095, 3), (771, 4097, 8),
                   (2050, 8193, 11), (4096, 300, 17), (6, 20000, 4)]
@@ -125,8 +125,8 @@ def test_small_d_shapes(backend, n, k, d):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [1, 8, 16])
 def test_small_d_duplicates_across_blocks(backend, d):
-    """Copies of one code in different 16-code blocks, in both halves of a two-block
-    step and in different 4096-code passes: the lowest copy must win."""
+    """Copies of one code in different panels and lanes and in different code tiles:
+    the lowest copy must win."""
     g = _gen(d)
     k = 9000
     cb = torch.randn(k, d, generator=g) * 3

@@ -1,8 +1,8 @@
 """Every code path of the CPU kernel, forced one by one on the machine that runs the tests.
 
-The CPU kernel picks its vector code (float32: the d <= 16 register path and the
-register-blocked GEMM + argmin for d > 16; the argmin of the BLAS-tile path) from the
-processor's instruction set and its tile (tokens x codes) from the L2 cache;
+The CPU kernel picks its vector code (float32: the register-blocked GEMM + argmin; the
+argmin of the BLAS-tile path for float64 and the scalar ISA) from the processor's
+instruction set and its tile (tokens x codes) from the L2 cache;
 ``torch.ops.simvq.set_cpu_kernel_config`` (or SIMVQ_CPU_ISA / SIMVQ_CPU_TILE /
 SIMVQ_CPU_L2) forces them. So a plain ``pytest`` on an AVX-512 machine also runs the
 AVX2 and scalar paths, and every ISA runs with several tiles, including ones that do
@@ -10,14 +10,14 @@ not divide N or K, one-token tiles and a tile chosen for a 512 KiB L2.
 
 For every ISA (scalar, avx2, avx512) x tile:
 - picks and distances against the float64 oracle (design.md §3) on random inputs with
-  d <= 16 (register path) and d > 16 (register-blocked path on AVX2/AVX-512, BLAS tiles
-  on scalar), N and K not multiples of the tile, the block or the panel;
+  small and large d (register-blocked path on AVX2/AVX-512, BLAS tiles on scalar), N
+  and K not multiples of the tile, the block or the panel;
 - exact duplicate codes (across tile and block edges) go to the lowest index, with
   exact index agreement on inputs with well-separated codes;
 - bit-identical results across repeated calls and across torch.set_num_threads(1, 2)
   (the thread count only decides where the code range is split).
 An ISA the CPU lacks is checked to fail with a clear error instead.
-Also: both float32 vector paths give the same bits under AVX2 and AVX-512 (same FMAs in
+Also: the float32 vector path gives the same bits under AVX2 and AVX-512 (same FMAs in
 the same order) and for any tile and L2 setting; exact ties on integer-valued data go to
 the lowest index on every path; the environment variables are read, and bad values get an
 error naming the variable (one subprocess).
@@ -39,8 +39,8 @@ from simvq_kernels import _ext
 
 ISAS = ["scalar", "avx2", "avx512"]
 TILES = ["auto", "1x64", "7x33", "64x1024", "256x1024", "33x250"]
-# (N, K, d): d <= 16 takes the register path (vector ISAs), d > 16 the register-blocked
-# path (vector ISAs) or BLAS tiles (scalar)
+# (N, K, d): small and large d; the register-blocked path (vector ISAs) or BLAS tiles
+# (scalar)
 SHAPES = [(1, 300, 5), (257, 1031, 16), (130, 4099, 3), (300, 777, 17), (65, 2050, 64),
           (513, 300, 33), (40, 1100, 130), (9, 1, 8)]
 
@@ -130,10 +130,10 @@ def test_random_inputs_against_oracle(isa, tile, restore):
 @pytest.mark.parametrize("tile", ["auto", "7x33", "16x16"])
 @pytest.mark.parametrize("d", [4, 16, 24])
 def test_duplicates_go_to_lowest_index(isa, tile, d, restore):
-    """Exact duplicate codes placed across tile edges (33, 16), the 16-code blocks of the
-    register path, their 8-lane halves and its 32-code pairs, and the 32-value groups of
-    the one-pass argmin; tokens near a duplicated code must pick its first copy
-    (well-separated codes: exact index agreement)."""
+    """Exact duplicate codes placed across tile edges (33, 16), the 16- and 32-code
+    panels of the register-blocked path and their 8- or 16-lane vectors, and the 32-value
+    groups of the BLAS-tile path's one-pass argmin; tokens near a duplicated code must
+    pick its first copy (well-separated codes: exact index agreement)."""
     if not _force_or_check_error(isa):
         return
     _set(tile=tile)
@@ -181,12 +181,12 @@ def test_other_dtypes_and_quantize(isa, restore):
                      what=f"{isa} quantize")
 
 
-def test_small_d_path_same_bits_on_every_vector_isa_and_l2(restore):
-    """The d <= 16 register path forms every distance with the same FMAs in the same
-    order under AVX2 and AVX-512, and the L2 setting only changes how many codes a pass
+def test_small_d_same_bits_on_every_vector_isa_and_l2(restore):
+    """At d <= 16 too, every distance is formed with the same FMAs in the same order
+    under AVX2 and AVX-512, and the L2 setting only changes how many codes a tile
     covers: the results are bit-identical across all of them."""
     vector = [i for i in ("avx2", "avx512") if _supported(i)]
-    if not vector:  # a CPU without AVX2: the register path does not exist, nothing to compare
+    if not vector:  # a CPU without AVX2: no vector path, nothing to compare
         assert _config()["native_isa"] == "scalar"
         return
     g = torch.Generator().manual_seed(3)

@@ -310,7 +310,7 @@ std::string json_string(const std::string& s) {
 }
 
 std::string describe(const KernelConfig& c) {
-  const bool small_d = c.isa != Isa::kScalar;
+  const bool blocked = c.isa != Isa::kScalar;
   std::ostringstream o;
   o << "{\"isa\": " << json_string(isa_name(c.isa))
     << ", \"native_isa\": " << json_string(isa_name(c.native))
@@ -321,16 +321,13 @@ std::string describe(const KernelConfig& c) {
     << ", \"l2_share_bytes\": " << c.l2_share << ", \"l2_from\": " << json_string(c.l2_from)
     << ", \"l1d_bytes\": " << c.l1d << ", \"l2_bytes\": " << c.l2 << ", \"l3_bytes\": " << c.l3
     << ", \"caches_from\": " << json_string(c.caches_from)
-    << ", \"small_d_path\": "
-    << json_string(small_d ? std::string(isa_name(c.isa)) + " register path for d <= 16 (float32)"
-                           : std::string("off (scalar ISA: the tiled path serves every d)"))
     << ", \"float32_path\": "
-    << json_string(small_d ? std::string("float32: ") + isa_name(c.isa) +
+    << json_string(blocked ? std::string("float32: ") + isa_name(c.isa) +
                                  " register-blocked GEMM + argmin (" +
                                  (c.isa == Isa::kAvx512 ? "12 tokens x 32 codes" : "6 tokens x 16 codes") +
-                                 " per block) for d > 16, no BLAS, over code tiles of a quarter "
-                                 "of the L2 share of packed codes (a set tile: its codes rounded "
-                                 "up to whole panels); float64: BLAS tiles of the tile below"
+                                 " per block), no BLAS, over code tiles of a quarter of the L2 "
+                                 "share of packed codes (a set tile: its codes rounded up to "
+                                 "whole panels); float64: BLAS tiles of the tile below"
                            : std::string("float32 and float64: BLAS tiles + scalar argmin"))
     << ", \"summary\": "
     << json_string(std::string(isa_name(c.isa)) + " (native " + isa_name(c.native) + "), tile " +

@@ -1,8 +1,8 @@
 // simvq-kernels: run-time configuration of the CPU kernel (instruction set and tile).
 //
 // The kernel adapts to the processor it runs on: its vector code (the register-blocked
-// GEMM + argmin for float32, the d <= 16 register path, the argmin of the BLAS-tile
-// path) is picked from what the CPU supports, and the tile (tokens x codes) from the L2
+// GEMM + argmin for float32, the argmin of the BLAS-tile path) is picked from what the
+// CPU supports, and the tile (tokens x codes) from the L2
 // cache share of a core, read once from /sys/devices/system/cpu/cpu0/cache (sysconf as
 // a fallback). The BLAS-tile path (float64, scalar ISA) uses the tile as it is; the
 // register-blocked path rounds a set tile's codes up to whole 32- (AVX-512) or 16-code

@@ -4,9 +4,7 @@
 // N x K distance matrix. Only ||Q_k||^2 - 2 z.Q_k is compared (||z||^2 is constant per
 // token) and ||z||^2 is added once at the end for the returned distance. Three paths,
 // picked from the dtype, d and the CPU's instruction set (cpu_config.h; all forcible):
-//  - float32 on AVX-512 / AVX2, d <= 16: distances formed in registers, 4 tokens x 32
-//    codes per step (small_d_search);
-//  - float32 on AVX-512 / AVX2, d > 16: a register-blocked GEMM with the argmin as its
+//  - float32 on AVX-512 / AVX2, any d: a register-blocked GEMM with the argmin as its
 //    epilogue (12 tokens x 32 codes per block on AVX-512, 6 x 16 on AVX2) over packed
 //    code panels; the products never leave the registers and no BLAS is called, so the
 //    speed does not depend on which kernel a BLAS picks for the CPU
@@ -544,233 +542,8 @@ void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* par
   });
 }
 
-// ---------------------------------------------------------------- small d (<= 16)
-// With few dimensions a tile product is cheap next to writing and re-reading its
-// output, so the tiled gemm path is bound by the tile's round trip through L2. For
-// d <= kSmallD (float32, AVX-512 or AVX2) the distances are instead formed in registers: the
-// codebook is stored once per call as blocks of 16 codes, dimension-major and scaled
-// by -2 (exact), and each group of 4 tokens runs v = ||Q||^2 + sum_j z_j (-2 Q_j) as
-// FMAs over the 16 codes of a block, folded at once into a per-lane (min, index).
-// Every (token, code) pair uses the same operation order wherever it sits, so exact
-// duplicate codes get identical values and the strict '<' scan in increasing code
-// order keeps the lowest index. The AVX2 code runs the same FMAs in the same order on
-// two 8-lane halves of each block, so both ISAs give the same values bit for bit.
-// Memory: K*d floats for the re-laid codebook.
-constexpr int64_t kSmallD = 16;
-constexpr int64_t kSmallDTokenTile = 256;  // tokens per task
-constexpr int64_t kSmallDTokens = 4;       // tokens per register group
-
-// Codes per pass over a token tile: the re-laid codes of a pass take at most half of
-// the L2 share (4096 codes, 256 KiB at d = 16, with 512 KiB or more), a multiple of 32.
-int64_t small_d_pass_codes(int64_t l2_share, int64_t d) {
-  const int64_t fit = l2_share / 2 / (d * int64_t(sizeof(float)));
-  return std::max<int64_t>(256, std::min<int64_t>(4096, fit / 32 * 32));
-}
-
-#ifdef SIMVQ_X86
-// Scans the 16-code blocks [b0, b1) (an even count) for 4 tokens z4 (4 x d, row-major)
-// and folds the result into val[0..3], idx[0..3] (strict '<': earlier code blocks hold
-// lower indices). Two blocks per step give 8 independent FMA chains (4 would leave
-// the FMA units waiting on their latency).
-__attribute__((target("avx512f"))) void small_d_scan_avx512(
-    const float* z4, int64_t d, const float* qt, const float* qn, int64_t b0, int64_t b1,
-    float* val, int64_t* idx) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 best[4] = {inf, inf, inf, inf};
-  __m512i bi[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                   _mm512_setzero_si512()};
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t b = b0; b < b1; b += 2) {
-    const float* blk0 = qt + b * 16 * d;
-    const float* blk1 = blk0 + 16 * d;
-    const __m512 n0 = _mm512_loadu_ps(qn + b * 16), n1 = _mm512_loadu_ps(qn + b * 16 + 16);
-    __m512 a0 = n0, a1 = n0, a2 = n0, a3 = n0;
-    __m512 c0 = n1, c1 = n1, c2 = n1, c3 = n1;
-    for (int64_t j = 0; j < d; ++j) {
-      const __m512 q0 = _mm512_loadu_ps(blk0 + j * 16);
-      const __m512 q1 = _mm512_loadu_ps(blk1 + j * 16);
-      const __m512 z0 = _mm512_set1_ps(z4[j]), z1 = _mm512_set1_ps(z4[d + j]);
-      const __m512 z2 = _mm512_set1_ps(z4[2 * d + j]), z3 = _mm512_set1_ps(z4[3 * d + j]);
-      a0 = _mm512_fmadd_ps(z0, q0, a0);
-      c0 = _mm512_fmadd_ps(z0, q1, c0);
-      a1 = _mm512_fmadd_ps(z1, q0, a1);
-      c1 = _mm512_fmadd_ps(z1, q1, c1);
-      a2 = _mm512_fmadd_ps(z2, q0, a2);
-      c2 = _mm512_fmadd_ps(z2, q1, c2);
-      a3 = _mm512_fmadd_ps(z3, q0, a3);
-      c3 = _mm512_fmadd_ps(z3, q1, c3);
-    }
-    const __m512i p0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(b * 16)));
-    const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(16));
-    const __m512 av[4] = {a0, a1, a2, a3};
-    const __m512 cv[4] = {c0, c1, c2, c3};
-    for (int t = 0; t < 4; ++t) {  // block b before block b + 1: ties keep the lower
-      __mmask16 lt = _mm512_cmp_ps_mask(av[t], best[t], _CMP_LT_OQ);
-      best[t] = _mm512_mask_mov_ps(best[t], lt, av[t]);
-      bi[t] = _mm512_mask_mov_epi32(bi[t], lt, p0);
-      lt = _mm512_cmp_ps_mask(cv[t], best[t], _CMP_LT_OQ);
-      best[t] = _mm512_mask_mov_ps(best[t], lt, cv[t]);
-      bi[t] = _mm512_mask_mov_epi32(bi[t], lt, p1);
-    }
-  }
-  for (int t = 0; t < 4; ++t) {
-    const float m = _mm512_reduce_min_ps(best[t]);
-    if (m < val[t]) {  // lanes hold the earliest position of their minimum: lowest wins
-      const __mmask16 eq = _mm512_cmp_ps_mask(best[t], _mm512_set1_ps(m), _CMP_EQ_OQ);
-      val[t] = m;
-      idx[t] = _mm512_mask_reduce_min_epi32(eq, bi[t]);
-    }
-  }
-}
-
-// small_d_scan_avx512 on 8-lane vectors: one 16-code block per step, as two halves
-// (codes 0-7 and 8-15 of the block), 4 tokens x 2 halves = 8 independent FMA chains
-// (AVX2 has 16 vector registers). Each lane's running best sees its block's lower half
-// before the upper half and earlier blocks first, so strict '<' keeps the lowest index.
-__attribute__((target("avx2,fma"))) void small_d_scan_avx2(
-    const float* z4, int64_t d, const float* qt, const float* qn, int64_t b0, int64_t b1,
-    float* val, int64_t* idx) {
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  __m256 best[4] = {inf, inf, inf, inf};
-  __m256i bi[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                   _mm256_setzero_si256()};
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* blk = qt + b * 16 * d;
-    const __m256 nlo = _mm256_loadu_ps(qn + b * 16), nhi = _mm256_loadu_ps(qn + b * 16 + 8);
-    __m256 a0 = nlo, a1 = nlo, a2 = nlo, a3 = nlo;
-    __m256 c0 = nhi, c1 = nhi, c2 = nhi, c3 = nhi;
-    for (int64_t j = 0; j < d; ++j) {
-      const __m256 qlo = _mm256_loadu_ps(blk + j * 16);
-      const __m256 qhi = _mm256_loadu_ps(blk + j * 16 + 8);
-      const __m256 z0 = _mm256_broadcast_ss(z4 + j), z1 = _mm256_broadcast_ss(z4 + d + j);
-      a0 = _mm256_fmadd_ps(z0, qlo, a0);
-      c0 = _mm256_fmadd_ps(z0, qhi, c0);
-      a1 = _mm256_fmadd_ps(z1, qlo, a1);
-      c1 = _mm256_fmadd_ps(z1, qhi, c1);
-      const __m256 z2 = _mm256_broadcast_ss(z4 + 2 * d + j);
-      const __m256 z3 = _mm256_broadcast_ss(z4 + 3 * d + j);
-      a2 = _mm256_fmadd_ps(z2, qlo, a2);
-      c2 = _mm256_fmadd_ps(z2, qhi, c2);
-      a3 = _mm256_fmadd_ps(z3, qlo, a3);
-      c3 = _mm256_fmadd_ps(z3, qhi, c3);
-    }
-    const __m256i plo = _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(b * 16)));
-    const __m256i phi = _mm256_add_epi32(plo, _mm256_set1_epi32(8));
-    const __m256 av[4] = {a0, a1, a2, a3};
-    const __m256 cv[4] = {c0, c1, c2, c3};
-    for (int t = 0; t < 4; ++t) {  // lower half before upper half: ties keep the lower
-      __m256 lt = _mm256_cmp_ps(av[t], best[t], _CMP_LT_OQ);
-      best[t] = _mm256_blendv_ps(best[t], av[t], lt);
-      bi[t] = _mm256_castps_si256(
-          _mm256_blendv_ps(_mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(plo), lt));
-      lt = _mm256_cmp_ps(cv[t], best[t], _CMP_LT_OQ);
-      best[t] = _mm256_blendv_ps(best[t], cv[t], lt);
-      bi[t] = _mm256_castps_si256(
-          _mm256_blendv_ps(_mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(phi), lt));
-    }
-  }
-  for (int t = 0; t < 4; ++t) {
-    alignas(32) float bv[8];
-    alignas(32) int32_t bx[8];
-    _mm256_store_ps(bv, best[t]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bx), bi[t]);
-    float m = std::numeric_limits<float>::infinity();
-    int32_t mi = 0;
-    for (int l = 0; l < 8; ++l) {  // lanes hold the earliest position of their minimum
-      if (bv[l] < m || (bv[l] == m && bx[l] < mi)) {
-        m = bv[l];
-        mi = bx[l];
-      }
-    }
-    if (m < val[t]) {
-      val[t] = m;
-      idx[t] = mi;
-    }
-  }
-}
-#endif
-
-// The small-d path for float32; returns false (and does nothing) where it does not
-// apply: the scalar ISA or d > kSmallD. The choice depends on the configuration and d
-// only, never on the thread count, and so does the result: every (token, code) value is
-// formed the same way whichever task computes it (and whichever ISA: see above), and
-// split code ranges merge in code order.
-bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q, int64_t N,
-                    int64_t K, int64_t d, int64_t* out_idx, float* out_val) {
-#ifdef SIMVQ_X86
-  if (d > kSmallD || cfg.isa == Isa::kScalar) return false;
-  auto* scan = cfg.isa == Isa::kAvx512 ? small_d_scan_avx512 : small_d_scan_avx2;
-  const int64_t blocks = ((K + 31) / 32) * 2;  // an even number of 16-code blocks
-  std::vector<float> qt(blocks * 16 * d, 0.f);  // [block][j][lane] = -2 q[16 block + lane][j]
-  std::vector<float> qn(blocks * 16, std::numeric_limits<float>::infinity());  // pad: +inf
-  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t l = 0; l < 16 && b * 16 + l < K; ++l) {
-        const float* row = q + (b * 16 + l) * d;
-        for (int64_t j = 0; j < d; ++j) qt[b * 16 * d + j * 16 + l] = -2.f * row[j];
-        qn[b * 16 + l] = static_cast<float>(sq_norm(row, d));
-      }
-    }
-  });
-  const int64_t pass = small_d_pass_codes(cfg.l2_share, d) / 16;  // blocks per pass (even)
-  const int64_t passes = (blocks + pass - 1) / pass;
-  const int64_t n_tiles = (N + kSmallDTokenTile - 1) / kSmallDTokenTile;
-  const auto [splits, passes_per_split] = split_code_range(n_tiles, passes);
-  std::vector<float> part_val(splits > 1 ? splits * N : 0);
-  std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
-
-  at::parallel_for(0, n_tiles * splits, 1, [&](int64_t t0, int64_t t1) {
-    float zpad[kSmallDTokens * kSmallD];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t nt = t / splits, sp = t % splits;
-      const int64_t n0 = nt * kSmallDTokenTile, n1 = std::min(N, n0 + kSmallDTokenTile);
-      const int64_t bb = sp * passes_per_split * pass;
-      const int64_t be = std::min(blocks, bb + passes_per_split * pass);
-      float* val = splits > 1 ? part_val.data() + sp * N : out_val;
-      int64_t* idx = splits > 1 ? part_idx.data() + sp * N : out_idx;
-      for (int64_t n = n0; n < n1; ++n) {
-        val[n] = std::numeric_limits<float>::infinity();
-        idx[n] = std::min(K - 1, bb * 16);  // only kept if every value is +inf
-      }
-      for (int64_t b0 = bb; b0 < be; b0 += pass) {
-        const int64_t b1 = std::min(be, b0 + pass);
-        for (int64_t g = n0; g < n1; g += kSmallDTokens) {
-          const int64_t m = std::min(kSmallDTokens, n1 - g);
-          if (m == kSmallDTokens) {
-            scan(z + g * d, d, qt.data(), qn.data(), b0, b1, val + g, idx + g);
-          } else {  // last group: pad with copies of its first token, keep m results
-            float v[kSmallDTokens];
-            int64_t ix[kSmallDTokens];
-            for (int64_t i = 0; i < kSmallDTokens; ++i) {
-              const int64_t src = g + (i < m ? i : 0);
-              std::copy(z + src * d, z + src * d + d, zpad + i * d);
-              v[i] = val[src];
-              ix[i] = idx[src];
-            }
-            scan(zpad, d, qt.data(), qn.data(), b0, b1, v, ix);
-            for (int64_t i = 0; i < m; ++i) {
-              val[g + i] = v[i];
-              idx[g + i] = ix[i];
-            }
-          }
-        }
-      }
-      if (splits == 1) {
-        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
-      }
-    }
-  });
-  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
-  return true;
-#else
-  (void)cfg, (void)z, (void)q, (void)N, (void)K, (void)d, (void)out_idx, (void)out_val;
-  return false;
-#endif
-}
-
 // ------------------------------------------------- register-blocked fused search
-// float32 with d > 16 on AVX-512 / AVX2: the tile product is not a BLAS call but a
+// float32 on AVX-512 / AVX2 (any d): the tile product is not a BLAS call but a
 // register-blocked kernel whose output never leaves the registers. The codebook is
 // packed once per call into panels of NR codes, dimension-major and scaled by -2
 // (exact), with ||Q||^2 beside them (+inf for padding codes), and each task's tokens
@@ -784,8 +557,9 @@ bool small_d_search(const cpu::KernelConfig& cfg, const float* z, const float* q
 // Every (token, code) value is formed by the same operations in the same order wherever
 // it sits (tile, panel, lane, task), so exact duplicate codes get identical values and
 // the result depends on neither the thread count nor the tile; the AVX2 kernel runs the
-// same FMAs on 8-lane halves, so both ISAs give the same values bit for bit. It is also
-// the formula of the d <= 16 path. No BLAS is called, so the speed does not depend on
+// same FMAs on 8-lane halves, so both ISAs give the same values bit for bit. (It
+// replaced a separate d <= 16 path of 4 tokens x 32 codes, which formed the same values
+// but ran 10-30% slower.) No BLAS is called, so the speed does not depend on
 // which kernel a BLAS picks for the CPU (MKL runs its AVX2 code on AMD processors that
 // have AVX-512).
 //
@@ -971,8 +745,7 @@ int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
   return std::max<int64_t>(8 * nr, std::min<int64_t>(8192, fit / nr * nr));
 }
 
-// The search for float32 on a vector ISA (any d; the d <= 16 path runs first where it
-// applies). The codebook is packed once per call (K x d floats rounded up to whole
+// The search for float32 on a vector ISA (any d). The codebook is packed once per call (K x d floats rounded up to whole
 // panels); threads take whole token tiles, and the code range is split at code-tile
 // boundaries only when there are too few token tiles (merged in code order).
 void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const float* q,
@@ -1178,15 +951,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
   AT_DISPATCH_SWITCH(compute, "simvq_nearest_code_cpu",
                      AT_DISPATCH_CASE(at::kFloat,
                                       [&] {
-                                        if (!small_d_search(cfg, z.data_ptr<float>(),
-                                                            cb.data_ptr<float>(), N, K, d,
-                                                            idx.data_ptr<int64_t>(),
-                                                            dist.data_ptr<float>())) {
-                                          nearest_code_kernel<float>(
-                                              cfg, z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
-                                              d, idx.data_ptr<int64_t>(),
-                                              dist.data_ptr<float>());
-                                        }
+                                        nearest_code_kernel<float>(
+                                            cfg, z.data_ptr<float>(), cb.data_ptr<float>(), N, K,
+                                            d, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
                                       })
                          AT_DISPATCH_CASE(at::kDouble, [&] {
                            nearest_code_kernel<double>(

@@ -166,10 +166,8 @@ def cpu_kernel_config() -> str:
     if cfg.get("summary"):  # the extension's own one-line description
         extra = [f"{k.replace('_from', '')} from {cfg[k]}" for k in ("isa_from", "tile_from")
                  if cfg.get(k)]
-        small = cfg.get("small_d_path")
         blocked = cfg.get("float32_path")
-        return cfg["summary"] + "".join(f"; {x}" for x in extra + ([small] if small else [])
-                                        + ([blocked] if blocked else []))
+        return cfg["summary"] + "".join(f"; {x}" for x in extra + ([blocked] if blocked else []))
     parts = []
     isa = cfg.get("isa")
     if isa:
