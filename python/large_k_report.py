@@ -77,7 +77,7 @@ def main(argv=None):
             for i, r in enumerate(group):
                 budget = (f"{r['cpu_budget_minutes']:g} CPU-min" if r["cpu_budget_minutes"]
                           else f"{r['steps_done']} steps")
-                r["label"] = f"{NAMES.get(r['quantiser'], r['quantiser'])}, {budget}"
+                r["label"] = f"{NAMES.get(r['quantiser'], r['quantiser'])}, {budget}, lr {r['lr']:g}"
                 r["linestyle"] = ("-", "--", ":", "-.")[i % 4]
     # runs made before the environment was recorded as a dict hold a one-line string
     run_envs = {n: (p["environment"] if isinstance(p["environment"], dict) else {})
@@ -164,7 +164,9 @@ def main(argv=None):
     windows = sorted({r["util_window"] for r in results})
     wlabel = (str(windows[0]) if len(windows) == 1 else
               " / ".join(f"{w}" for w in windows))
-    title = f"{task}: plain VQ vs SimVQ, the same training budget per K"
+    title = (f"{task}: plain VQ vs SimVQ, the same training budget per K"
+             if not any("label" in r for r in results) else
+             f"{task}: plain VQ vs SimVQ; pairs share a budget, other runs are labelled")
     plots.plot_utilisation_over_steps(results, os.path.join(out, "utilisation_over_steps.png"),
                                       wlabel, title)
     if len({r["codebook_size"] for r in results}) > 1:  # one K: nothing to plot against

@@ -98,7 +98,7 @@ def plot_utilisation_over_steps(results, path, window, title=""):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"codes used in last {window} steps (%)")
     any_mid = any("heldout_utilisation" in p for r in results for p in r["history"])
-    axes[0][0].legend(loc="center right", fontsize=8, title_fontsize=7,
+    axes[0][0].legend(loc="lower right", fontsize=7, title_fontsize=7,
                       title="◆ = held-out" + (", ● = held-out during training"
                                               if any_mid else ""))
     return _finish(plt, fig, path, title)
