@@ -16,7 +16,6 @@
 
 namespace simvq {
 namespace cpu {
-namespace {
 
 // ------------------------------------------------------------------ detection
 
@@ -36,6 +35,8 @@ bool cpu_supports(Isa isa) {
   return isa == Isa::kScalar;
 #endif
 }
+
+namespace {
 
 Isa native_isa() {
   if (cpu_supports(Isa::kAvx512)) return Isa::kAvx512;

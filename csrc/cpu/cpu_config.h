@@ -34,6 +34,9 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 const char* isa_name(Isa isa);
 
+// Whether this CPU (and its OS) runs the vector code of `isa` (kAvx2 means AVX2 + FMA).
+bool cpu_supports(Isa isa);
+
 struct KernelConfig {
   Isa isa;              // vector code the kernel runs
   Isa native;           // best the CPU supports

@@ -2,8 +2,8 @@
 //
 // Forward: for each token z_n find argmin_k ||z_n - Q_k||^2 without building the
 // N x K distance matrix. Only ||Q_k||^2 - 2 z.Q_k is compared (||z||^2 is constant per
-// token) and ||z||^2 is added once at the end for the returned distance. Three paths,
-// picked from the dtype, d and the CPU's instruction set (cpu_config.h; all forcible):
+// token) and ||z||^2 is added once at the end for the returned distance. Two paths,
+// picked from the dtype and the CPU's instruction set (cpu_config.h; both forcible):
 //  - float32 on AVX-512 / AVX2, any d: a register-blocked GEMM with the argmin as its
 //    epilogue (12 tokens x 32 codes per block on AVX-512, 6 x 16 on AVX2) over packed
 //    code panels; the products never leave the registers and no BLAS is called, so the
@@ -416,7 +416,7 @@ T* thread_buffer(int64_t elems) {
 }
 template <typename T>
 T* thread_tile(int64_t elems) {
-  return thread_buffer<T, 3>(elems);
+  return thread_buffer<T, 1>(elems);
 }
 
 // ||z_n||^2 accumulated in double, in four interleaved partial sums (a fixed order, so
@@ -437,7 +437,7 @@ __attribute__((target("avx2,fma"))) double sq_norm_f32_avx2(const float* x, int6
   for (; j < d; ++j) s[0] += double(x[j]) * double(x[j]);
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
-const bool kHaveAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHaveAvx2Fma = cpu::cpu_supports(Isa::kAvx2);
 #endif
 template <typename T>
 double sq_norm(const T* x, int64_t d) {
@@ -745,9 +745,10 @@ int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
   return std::max<int64_t>(8 * nr, std::min<int64_t>(8192, fit / nr * nr));
 }
 
-// The search for float32 on a vector ISA (any d). The codebook is packed once per call (K x d floats rounded up to whole
-// panels); threads take whole token tiles, and the code range is split at code-tile
-// boundaries only when there are too few token tiles (merged in code order).
+// The search for float32 on a vector ISA (any d). The codebook is packed once per call
+// (K x d floats rounded up to whole panels); threads take whole token tiles, and the
+// code range is split at code-tile boundaries only when there are too few token tiles
+// (merged in code order).
 void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const float* q,
                           const float* qn, int64_t N, int64_t K, int64_t d,
                           int64_t* out_idx, float* out_val) {
@@ -757,10 +758,8 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
   const int64_t panels = (K + nr - 1) / nr;
   std::vector<float> codes(panels * nr * d), norms(panels * nr);
   at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      pack_code_tile(q, qn, d, p * nr, std::min<int64_t>(nr, K - p * nr), nr,
-                     codes.data() + p * nr * d, norms.data() + p * nr);
-    }
+    pack_code_tile(q, qn, d, p0 * nr, std::min(K, p1 * nr) - p0 * nr, nr,
+                   codes.data() + p0 * nr * d, norms.data() + p0 * nr);
   });
   // an automatic token tile is rounded up to whole blocks
   const int64_t tile_n = cfg.tile_from == "auto" ? (cfg.tile_n + mr - 1) / mr * mr : cfg.tile_n;
@@ -788,11 +787,12 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
       const int64_t blocks = (bn + mr - 1) / mr;
       for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
         const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
-        const float* ct = codes.data() + k0 * d;
-        const float* nt_ = norms.data() + k0;
+        const float* tile_codes = codes.data() + k0 * d;
+        const float* tile_norms = norms.data() + k0;
         for (int64_t b = 0; b < blocks; ++b) {
           const int rows = int(std::min<int64_t>(mr, bn - b * mr));
-          scan(tokens + b * mr * d, ct, nt_, d, tp, k0, rows, val + b * mr, idx + b * mr);
+          scan(tokens + b * mr * d, tile_codes, tile_norms, d, tp, k0, rows, val + b * mr,
+               idx + b * mr);
         }
       }
       if (splits == 1) {  // the tile's tokens are still in cache
