@@ -181,48 +181,29 @@ def test_other_dtypes_and_quantize(isa, restore):
                      what=f"{isa} quantize")
 
 
-def test_small_d_same_bits_on_every_vector_isa_and_l2(restore):
-    """At d <= 16 too, every distance is formed with the same FMAs in the same order
-    under AVX2 and AVX-512, and the L2 setting only changes how many codes a tile
-    covers: the results are bit-identical across all of them."""
+@pytest.mark.parametrize("seed,shapes", [
+    (3, ((300, 9000, 16), (5, 5000, 7), (1000, 600, 1))),
+    (5, ((301, 5003, 17), (40, 2100, 64), (1000, 700, 33), (13, 999, 200)))],
+    ids=["small-d", "large-d"])
+def test_vector_path_same_bits_on_every_isa_tile_and_l2(seed, shapes, restore):
+    """The register-blocked kernel forms every (token, code) value as
+    ||Q||^2 + sum_j z_j (-2 Q_j) with FMAs in j order, in whichever block, panel, lane,
+    tile or task it falls, and the AVX2 kernel runs the same FMAs on 8-lane halves: the
+    indices and distances are bit-identical across ISAs, tiles (set ones that cut
+    blocks and panels, and automatic ones for several L2 sizes) and thread counts, at
+    small d and large d alike."""
     vector = [i for i in ("avx2", "avx512") if _supported(i)]
     if not vector:  # a CPU without AVX2: no vector path, nothing to compare
         assert _config()["native_isa"] == "scalar"
         return
-    g = torch.Generator().manual_seed(3)
-    for n, k, d in ((300, 9000, 16), (5, 5000, 7), (1000, 600, 1)):
+    g = torch.Generator().manual_seed(seed)
+    for n, k, d in shapes:
         z = torch.randn(n, d, generator=g)
         q = torch.randn(k, d, generator=g)
         results = []
         for isa in vector:
-            for l2 in ("auto", "64K", "512K", "4M"):
-                _set(isa=isa, l2=l2)
-                results.append(((isa, l2), _run_twice_both_thread_counts(z, q)))
-        (w0, (i0, d0)) = results[0]
-        O.check_nearest(z, q, i0, d0, 0.0, what=f"{w0} {n}x{k}x{d}")
-        for w, (i, dd) in results[1:]:
-            assert torch.equal(i0, i) and torch.equal(d0.view(torch.int32), dd.view(torch.int32)), \
-                f"{w} differs from {w0} at {n}x{k}x{d}"
-
-
-def test_blocked_path_same_bits_on_every_vector_isa_tile_and_l2(restore):
-    """For d > 16 the register-blocked kernel forms every (token, code) value as
-    ||Q||^2 + sum_j z_j (-2 Q_j) with FMAs in j order, in whichever block, panel, lane,
-    tile or task it falls, and the AVX2 kernel runs the same FMAs on 8-lane halves: the
-    indices and distances are bit-identical across ISAs, tiles (set ones that cut
-    blocks and panels, and automatic ones for several L2 sizes) and thread counts."""
-    vector = [i for i in ("avx2", "avx512") if _supported(i)]
-    if not vector:
-        assert _config()["native_isa"] == "scalar"
-        return
-    g = torch.Generator().manual_seed(5)
-    for n, k, d in ((301, 5003, 17), (40, 2100, 64), (1000, 700, 33), (13, 999, 200)):
-        z = torch.randn(n, d, generator=g)
-        q = torch.randn(k, d, generator=g)
-        results = []
-        for isa in vector:
-            for tile, l2 in (("auto", "auto"), ("auto", "512K"), ("auto", "64K"),
-                             ("7x33", "auto"), ("100x1000", "auto")):
+            for tile, l2 in (("auto", "auto"), ("auto", "64K"), ("auto", "512K"),
+                             ("auto", "4M"), ("7x33", "auto"), ("100x1000", "auto")):
                 _set(isa=isa, tile=tile, l2=l2)
                 results.append(((isa, tile, l2), _run_twice_both_thread_counts(z, q)))
         (w0, (i0, d0)) = results[0]
