@@ -39,7 +39,7 @@ from simvq_kernels import _ext
 
 ISAS = ["scalar", "avx2", "avx512"]
 TILES = ["auto", "1x64", "7x33", "64x1024", "256x1024", "33x250"]
-# (N, K, d): small and large d; the register-blocked path (vector ISAs) or BLAS tiles
+# (N, K, d): small and large d; the register-blocked path (vector ISAs) or FMA tiles
 # (scalar)
 SHAPES = [(1, 300, 5), (257, 1031, 16), (130, 4099, 3), (300, 777, 17), (65, 2050, 64),
           (513, 300, 33), (40, 1100, 130), (9, 1, 8)]
@@ -185,32 +185,32 @@ def test_other_dtypes_and_quantize(isa, restore):
     (3, ((300, 9000, 16), (5, 5000, 7), (1000, 600, 1))),
     (5, ((301, 5003, 17), (40, 2100, 64), (1000, 700, 33), (13, 999, 200)))],
     ids=["small-d", "large-d"])
-def test_vector_path_same_bits_on_every_isa_tile_and_l2(seed, shapes, restore):
-    """The register-blocked kernel forms every (token, code) value as
-    ||Q||^2 + sum_j z_j (-2 Q_j) with FMAs in j order, in whichever block, panel, lane,
-    tile or task it falls, and the AVX2 kernel runs the same FMAs on 8-lane halves: the
-    indices and distances are bit-identical across ISAs, tiles (set ones that cut
+def test_same_bits_on_every_isa_tile_and_l2(seed, shapes, restore):
+    """Every path forms every (token, code) value as ||Q||^2 + sum_j z_j (-2 Q_j) with
+    FMAs in j order, in whichever block, panel, lane, tile or task it falls: the
+    register-blocked kernel (float32 on AVX-512 / AVX2; AVX2 runs the same FMAs on 8-lane
+    halves) and the FMA tiles (float64, and float32 on the scalar ISA). So the indices and
+    distances are bit-identical across ISAs (scalar included), tiles (set ones that cut
     blocks and panels, and automatic ones for several L2 sizes) and thread counts, at
-    small d and large d alike."""
-    vector = [i for i in ("avx2", "avx512") if _supported(i)]
-    if not vector:  # a CPU without AVX2: no vector path, nothing to compare
-        assert _config()["native_isa"] == "scalar"
-        return
+    small d and large d alike, for float32 and float64."""
+    isas = [i for i in ISAS if _supported(i)]
     g = torch.Generator().manual_seed(seed)
     for n, k, d in shapes:
-        z = torch.randn(n, d, generator=g)
-        q = torch.randn(k, d, generator=g)
-        results = []
-        for isa in vector:
-            for tile, l2 in (("auto", "auto"), ("auto", "64K"), ("auto", "512K"),
-                             ("auto", "4M"), ("7x33", "auto"), ("100x1000", "auto")):
-                _set(isa=isa, tile=tile, l2=l2)
-                results.append(((isa, tile, l2), _run_twice_both_thread_counts(z, q)))
-        (w0, (i0, d0)) = results[0]
-        O.check_nearest(z, q, i0, d0, 0.0, what=f"{w0} {n}x{k}x{d}")
-        for w, (i, dd) in results[1:]:
-            assert torch.equal(i0, i) and torch.equal(d0.view(torch.int32), dd.view(torch.int32)), \
-                f"{w} differs from {w0} at {n}x{k}x{d}"
+        for dtype in (torch.float32, torch.float64):
+            z = torch.randn(n, d, generator=g).to(dtype)
+            q = torch.randn(k, d, generator=g).to(dtype)
+            results = []
+            for isa in isas:
+                for tile, l2 in (("auto", "auto"), ("auto", "64K"), ("auto", "512K"),
+                                 ("auto", "4M"), ("7x33", "auto"), ("100x1000", "auto")):
+                    _set(isa=isa, tile=tile, l2=l2)
+                    results.append(((isa, tile, l2), _run_twice_both_thread_counts(z, q)))
+            (w0, (i0, d0)) = results[0]
+            O.check_nearest(z, q, i0, d0, 0.0, what=f"{w0} {n}x{k}x{d} {dtype}")
+            bits = torch.int32 if dtype == torch.float32 else torch.int64
+            for w, (i, dd) in results[1:]:
+                assert torch.equal(i0, i) and torch.equal(d0.view(bits), dd.view(bits)), \
+                    f"{w} differs from {w0} at {n}x{k}x{d} {dtype}"
 
 
 @pytest.mark.parametrize("isa", ISAS)

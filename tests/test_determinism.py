@@ -3,17 +3,24 @@ processes, on every backend.
 
 What is promised and tested here:
 - nearest_code / simvq_quantize: indices, distances and zq are bit-identical across
-  repeated calls, across torch.set_num_threads(1, 2, 3) (3 oversubscribes this 2-core
-  box, which changes how the CPU kernel splits the code range), and across processes
-  started with OMP_NUM_THREADS=1 and =2. Shapes cover the CPU kernel's paths: one token
+  repeated calls, across torch.set_num_threads(1, 2, 3, 4) (3 and 4 oversubscribe a
+  2-core box, which changes how the CPU kernel splits the code range), and across
+  processes started with OMP_NUM_THREADS=1 and =2.
+- The `cpu` backend, every dtype (float32, float64, and bf16/fp16 searched in float32):
+  indices, distances, zq, dW and db are also bit-identical across the instruction sets
+  it runs (scalar, AVX2, AVX-512: forced in-process here, and in a child process with
+  SIMVQ_CPU_ISA=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2, so a path that leaned on a BLAS
+  whose kernel depends on the CPU could not hide). No path of the CPU kernel calls a
+  BLAS: every value is a fixed chain of FMAs (csrc/cpu/fma_rows.h). Shapes cover the CPU kernel's paths: one token
   (code range split across threads), fewer token tiles than threads (split + merge),
   many token tiles, tile edges (N = 257, K = 1025).
 - Gradients (dW, db, dz) are bit-identical across runs at a given thread count, on every
   backend, for simvq_quantize and the SimVQ layer (no atomics anywhere on CPU). The CPU
-  kernel's backward (dW, db) is also bit-identical across thread counts: fixed token
-  chunks, one single-threaded gemm per chunk, partials added in chunk order (bug 08
-  was a multithreaded BLAS call whose split of the token reduction followed the thread
-  count; now a regression test). The pure-PyTorch backends' autograd gradients are not
+  kernel's backward (dW, db) is also bit-identical across thread counts and ISAs: fixed
+  token chunks, one fixed FMA chain per element and chunk, partials added in chunk order
+  (it once was a multithreaded BLAS call whose split of the token reduction followed the
+  thread count, and then single-threaded BLAS calls whose bits changed with the thread
+  count on an AMD CPU; now regression tests). The pure-PyTorch backends' autograd gradients are not
   documented thread-count independent (and are not: F.linear's backward is the same
   kind of BLAS call), so they are tested across runs only.
 
@@ -25,6 +32,7 @@ eps(z) of each other (design.md §3 accepts either).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +48,7 @@ BACKENDS = [b for b in sk.available_backends()
             if _backends.BACKENDS[b].why_not(torch.device("cpu"), torch.float32) is None]
 
 SHAPES = [(1, 5000, 32), (100, 3000, 16), (700, 2100, 24), (257, 1025, 8), (3, 70, 5)]
-THREADS = [1, 2, 3]
+THREADS = [1, 2, 3, 4]
 
 
 @pytest.fixture
@@ -120,7 +128,7 @@ def test_quantize_forward_bit_identical_across_runs_and_threads(backend, dtype,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", THREADS)
 def test_grads_bit_identical_across_runs(backend, dtype, threads, restore_threads):
     torch.set_num_threads(threads)
     for n, k, d in QUANTIZE_SHAPES:
@@ -135,7 +143,8 @@ BACKWARD_SHAPES = QUANTIZE_SHAPES + [(1024, 50, 96), (8193, 40, 5), (17000, 300,
 
 
 def test_cpu_backward_independent_of_thread_count(restore_threads):
-    """Bug 08 regression test."""
+    """dW/db once depended on the thread count (a multithreaded BLAS call, then
+    single-threaded BLAS calls on an AMD CPU): regression test at 1-4 threads."""
     if "cpu" not in BACKENDS:
         pytest.fail(f"the compiled CPU backend is unavailable: {sk.backend_status()}")
     for n, k, d in BACKWARD_SHAPES:
@@ -201,3 +210,81 @@ def test_bit_identical_across_processes_and_omp_threads():
             local.append(_bits(*sk.nearest_code(z, q, backend=backend)))
     digests["this process"] = hashlib.sha256("".join(local).encode()).hexdigest()
     assert len(set(digests.values())) == 1, digests
+
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _cpu_isas():
+    """The instruction sets this CPU runs (forcible in-process)."""
+    cfg = json.loads(torch.ops.simvq.cpu_kernel_config())
+    return ISAS[:ISAS.index(cfg["native_isa"]) + 1]
+
+
+def _cpu_digest(shapes, dtypes):
+    """One digest of the cpu backend's nearest_code, quantize and backward results."""
+    out = []
+    for dtype in dtypes:
+        for n, k, d in shapes:
+            z, q = _problem(n, k, d, dtype)
+            out.append(_bits(*sk.nearest_code(z, q, backend="cpu")))
+            out.extend(_quantize_run("cpu", *_quantize_problem(n, k, d, dtype)))
+    return hashlib.sha256("".join(out).encode()).hexdigest()
+
+
+ISA_SHAPES = [(1, 3000, 12), (300, 2100, 16), (2100, 300, 33), (1030, 70, 5)]
+ISA_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.fixture
+def restore_cpu_config():
+    if "cpu" not in BACKENDS:
+        pytest.fail(f"the compiled CPU backend is unavailable: {sk.backend_status()}")
+    n = torch.get_num_threads()
+    before = json.loads(torch.ops.simvq.cpu_kernel_config())
+    yield
+    torch.set_num_threads(n)
+    torch.ops.simvq.set_cpu_kernel_config(
+        before["isa"] if before["isa_from"] != "native" else "auto", None, None)
+
+
+def test_cpu_bit_identical_across_isas_and_threads(restore_cpu_config):
+    """Forward and backward of the cpu backend, float32 / float64 / bf16: the same bits
+    on every instruction set the CPU runs and at 1-4 threads."""
+    seen = {}
+    for isa in _cpu_isas():
+        torch.ops.simvq.set_cpu_kernel_config(isa, None, None)
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            seen.setdefault(_cpu_digest(ISA_SHAPES, ISA_DTYPES), []).append((isa, threads))
+    assert len(seen) == 1, f"cpu results differ by ISA / thread count: {seen}"
+
+
+_CPU_CHILD = textwrap.dedent("""
+    import sys, torch
+    import simvq_kernels as sk
+    sys.path.insert(0, sys.argv[1])
+    from test_determinism import ISA_DTYPES, ISA_SHAPES, _cpu_digest
+    torch.set_num_threads(int(sys.argv[2]))
+    print(torch.get_num_threads(), _cpu_digest(ISA_SHAPES, ISA_DTYPES))
+""")
+
+
+def test_cpu_bit_identical_with_avx2_and_mkl_avx2_forced(restore_cpu_config):
+    """A child process with the CPU kernel forced to AVX2 (SIMVQ_CPU_ISA) and torch's
+    MKL capped at its AVX2 code (MKL_ENABLE_INSTRUCTIONS, what MKL runs on AMD CPUs),
+    at 1 and 3 threads, gives the bits of this process's native run."""
+    torch.ops.simvq.set_cpu_kernel_config("auto", None, None)
+    local = _cpu_digest(ISA_SHAPES, ISA_DTYPES)
+    here = os.path.dirname(os.path.abspath(__file__))
+    isa = "avx2" if "avx2" in _cpu_isas() else "scalar"
+    for omp in ("1", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=omp, MKL_NUM_THREADS=omp, SIMVQ_CPU_ISA=isa,
+                   MKL_ENABLE_INSTRUCTIONS="AVX2")
+        res = subprocess.run([sys.executable, "-c", _CPU_CHILD, here, omp], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        threads, digest = res.stdout.split()[-2:]
+        assert threads == omp, f"the child ran with {threads} threads, not {omp}"
+        assert digest == local, f"SIMVQ_CPU_ISA={isa} MKL_ENABLE_INSTRUCTIONS=AVX2 at {omp} " \
+            "threads changed the cpu backend's results"

@@ -328,8 +328,9 @@ std::string describe(const KernelConfig& c) {
                                  (c.isa == Isa::kAvx512 ? "12 tokens x 32 codes" : "6 tokens x 16 codes") +
                                  " per block), no BLAS, over code tiles of a quarter of the L2 "
                                  "share of packed codes (a set tile: its codes rounded up to "
-                                 "whole panels); float64: BLAS tiles of the tile below"
-                           : std::string("float32 and float64: BLAS tiles + scalar argmin"))
+                                 "whole panels); float64: fixed-order FMA tiles of the tile below"
+                           : std::string("float32 and float64: fixed-order FMA tiles + scalar "
+                                         "argmin"))
     << ", \"summary\": "
     << json_string(std::string(isa_name(c.isa)) + " (native " + isa_name(c.native) + "), tile " +
                    std::to_string(c.tile_n) + " tokens x " + std::to_string(c.tile_k) +

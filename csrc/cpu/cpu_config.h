@@ -1,10 +1,10 @@
 // simvq-kernels: run-time configuration of the CPU kernel (instruction set and tile).
 //
 // The kernel adapts to the processor it runs on: its vector code (the register-blocked
-// GEMM + argmin for float32, the argmin of the BLAS-tile path) is picked from what the
+// GEMM + argmin for float32, the tile products and argmin of the FMA-tile path) is picked from what the
 // CPU supports, and the tile (tokens x codes) from the L2
 // cache share of a core, read once from /sys/devices/system/cpu/cpu0/cache (sysconf as
-// a fallback). The BLAS-tile path (float64, scalar ISA) uses the tile as it is; the
+// a fallback). The FMA-tile path (float64, scalar ISA) uses the tile as it is; the
 // register-blocked path rounds a set tile's codes up to whole 32- (AVX-512) or 16-code
 // (AVX2) panels, and with an automatic tile sizes the packed code tile by d (a quarter
 // of the L2 share) and rounds the tokens up to whole blocks.

@@ -10,9 +10,9 @@
 //    speed does not depend on which kernel a BLAS picks for the CPU
 //    (nearest_code_blocked);
 //  - float64, or the scalar ISA: tiles of tile_n tokens x tile_k codes, each tile's
-//    -2 z.Q^T one cache-resident single-threaded BLAS gemm into a per-thread buffer,
-//    reduced into a running (min, argmin) per token before the next tile overwrites it
-//    (nearest_code_kernel). The first tile of a token's code range is reduced in one
+//    -2 z.Q^T computed into a per-thread buffer by fma_rows (fma_rows.h: one FMA chain
+//    per value in dimension order, no BLAS), reduced into a running (min, argmin) per
+//    token before the next tile overwrites it (nearest_code_kernel). The first tile of a token's code range is reduced in one
 //    pass (a per-lane argmin); later tiles use the two-pass scheme below.
 // Tiles are chosen at run time from the L2 share of a core.
 //
@@ -24,10 +24,15 @@
 // sequential scan would. ||z||^2 and the returned distance are computed in the same
 // task, while the tile's tokens are in cache.
 //
+// quantize projects the codebook (basis @ weight^T + bias) with fma_rows too.
+//
 // Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over fixed chunks
-// of tokens (memory O(chunk * r) per chunk in flight), grad_bias = sum_n grad_zq; no
-// K x d buffer, no atomics, and the same bits for any thread count (chunk partials are
-// single-threaded gemms of fixed shapes, added in chunk order).
+// of tokens (fma_rows reading the basis rows through the indices), grad_bias =
+// sum_n grad_zq; no K x d buffer, no atomics, no BLAS, and the same bits for any CPU,
+// ISA and thread count (chunk partials of fixed shapes, added in chunk order).
+//
+// No path of this file calls a BLAS: a BLAS picks its kernel by CPU vendor, ISA, thread
+// count and buffer alignment, so it could not carry the determinism promise.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -41,69 +46,10 @@
 
 #include "../simvq.h"
 #include "cpu_config.h"
-
-// The BLAS that torch links (MKL on x86-64 wheels) exports the Fortran gemm symbols.
-// They are declared weak: where a torch build does not export them, the tile product
-// falls back to ATen's addmm on the same tiles (same tiling, more call overhead).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc)
-    __attribute__((weak));
-// MKL: the calling thread's BLAS thread count (returns the previous one; 0 = global).
-// (mkl_service.h maps the C name mkl_set_num_threads_local to this symbol; the
-// lower-case export is the Fortran interface, which takes a pointer.)
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
-}
+#include "fma_rows.h"
 
 namespace simvq {
 namespace {
-
-bool have_fortran_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
-
-// Runs the enclosed BLAS calls on the calling thread only. Inside a parallel region MKL
-// does so anyway; outside one (a single task) it could split a product over threads,
-// and the kernels' results must not depend on the thread count.
-struct SingleThreadedBlas {
-  int prev = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-};
-
-// Row-major tile[i][j] = alpha * a[i] . b[j] for a (m x k, row stride k) and
-// b (n x k, row stride k); tile row stride ldc. In BLAS's column-major terms this is
-// C' (n x m) = alpha * op(B') * op(A') with B' = b^T stored as (k x n).
-void tile_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, const float* b,
-               float* c, int64_t ldc) {
-  const int M = int(n), Nn = int(m), Kk = int(k), lda = int(k), ldb = int(k), ldc_ = int(ldc);
-  const float beta = 0.f;
-  sgemm_("T", "N", &M, &Nn, &Kk, &alpha, b, &lda, a, &ldb, &beta, c, &ldc_);
-}
-void tile_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-               const double* b, double* c, int64_t ldc) {
-  const int M = int(n), Nn = int(m), Kk = int(k), lda = int(k), ldb = int(k), ldc_ = int(ldc);
-  const double beta = 0.;
-  dgemm_("T", "N", &M, &Nn, &Kk, &alpha, b, &lda, a, &ldb, &beta, c, &ldc_);
-}
-template <typename T>
-void tile_gemm_aten(int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b, T* c,
-                    int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, opts);
-  at::Tensor B = at::from_blob(const_cast<T*>(b), {n, k}, opts);
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::mm_out(C, A, B.t());
-  C.mul_(alpha);
-}
 
 using cpu::Isa;
 
@@ -460,41 +406,31 @@ double sq_norm(const T* x, int64_t d) {
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
 // (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
-// The tile buffer has max(2, n_end - n_begin) rows of tile_k values.
+// The tile buffer has n_end - n_begin rows of tile_k values; qt holds d x tile_k values
+// and `zeros` tile_k zeros. Each code tile is packed transposed and scaled by -2 (exact)
+// into qt, and tile[i][j] = ||Q_k||^2 + sum_t z[n_begin + i][t] * (-2 q[k][t]) (k = k0 + j)
+// is one FMA chain in t order starting from ||Q_k||^2 (fma_rows): the very operations of
+// the register-blocked path, so every ISA gives the same values, every code position
+// the same bits (exact duplicate codes tie exactly and the lowest index wins).
 template <typename T>
-void scan_range(const RowArgminF32& f, int64_t tile_k, const T* z, const T* q, const T* qn,
-                int64_t d, int64_t n_begin, int64_t n_end, int64_t k_begin, int64_t k_end,
-                T* tile, T* val, int64_t* idx) {
+void scan_range(const RowArgminF32& f, Isa isa, int64_t tile_k, const T* z, const T* q,
+                const T* qn, const T* zeros, int64_t d, int64_t n_begin, int64_t n_end,
+                int64_t k_begin, int64_t k_end, T* tile, T* qt, T* val, int64_t* idx) {
   const int64_t bn = n_end - n_begin;
   for (int64_t i = 0; i < bn; ++i) {
     val[i] = std::numeric_limits<T>::infinity();
     idx[i] = k_begin;  // only read if every value is +inf, which finite inputs exclude
   }
-  // A one-token tile would be a matrix-vector product, and BLAS's gemv computes the
-  // last (bk mod 4) codes in another summation order than the others, so exact
-  // duplicate codes would get different values and a later copy could win the tie.
-  // Multiply two copies of the token instead: the gemm path treats every code alike.
   const T* zt = z + n_begin * d;
-  int64_t bm = bn;
-  std::vector<T> zpad;
-  if (bn == 1) {
-    zpad.resize(2 * d);
-    std::copy(zt, zt + d, zpad.begin());
-    std::copy(zt, zt + d, zpad.begin() + d);
-    zt = zpad.data();
-    bm = 2;  // the tile buffer has at least 2 rows
-  }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += tile_k) {
     const int64_t bk = std::min(tile_k, k_end - k0);
-    // tile[i][j] = -2 * z[n_begin + i] . q[k0 + j] (the scaling by 2 is exact)
-    if (have_fortran_blas()) {
-      tile_gemm(bm, bk, d, T(-2), zt, q + k0 * d, tile, tile_k);
-    } else {
-      tile_gemm_aten<T>(bm, bk, d, T(-2), zt, q + k0 * d, tile, tile_k);
+    for (int64_t j = 0; j < bk; ++j) {
+      const T* row = q + (k0 + j) * d;
+      for (int64_t t = 0; t < d; ++t) qt[t * bk + j] = T(-2) * row[t];
     }
-    for (int64_t i = 0; i < bn; ++i) {
-      update_best(f, tile + i * tile_k, qn + k0, static_cast<int32_t>(bk), k0, val + i,
-                  idx + i);
+    cpu::fma_rows<T>(isa, bn, bk, d, zt, d, 1, qt, bk, nullptr, qn + k0, tile, tile_k);
+    for (int64_t i = 0; i < bn; ++i) {  // the norms are in the values already
+      update_best(f, tile + i * tile_k, zeros, static_cast<int32_t>(bk), k0, val + i, idx + i);
     }
   }
 }
@@ -829,11 +765,12 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
 
   std::vector<T> part_val(splits > 1 ? splits * N : 0);
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
+  const std::vector<T> zeros(std::min(tile_k, K), T(0));
   const int64_t tasks = n_tiles * splits;
 
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    SingleThreadedBlas one_thread;
-    T* tile = thread_tile<T>(std::max<int64_t>(2, tile_n) * tile_k);
+    T* tile = thread_tile<T>(std::min(tile_n, N) * tile_k);
+    T* qt = thread_buffer<T, 2>(d * std::min(tile_k, K));
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t nt = t / splits, s = t % splits;
       const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n);
@@ -841,7 +778,8 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
       const int64_t k1 = std::min(K, k0 + tiles_per_split * tile_k);
       T* val = splits > 1 ? part_val.data() + s * N + n0 : out_val + n0;
       int64_t* idx = splits > 1 ? part_idx.data() + s * N + n0 : out_idx + n0;
-      scan_range<T>(f, tile_k, z, q, qn.data(), d, n0, n1, k0, k1, tile, val, idx);
+      scan_range<T>(f, cfg.isa, tile_k, z, q, qn.data(), zeros.data(), d, n0, n1, k0, k1,
+                    tile, qt, val, idx);
       if (splits == 1) {  // the tile's tokens are still in cache
         for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
       }
@@ -903,9 +841,10 @@ std::vector<int64_t> first_identical_rows(const T* x, int64_t K, int64_t w) {
   return first;
 }
 
-// Exact duplicate codes tie exactly in exact arithmetic, but BLAS may round their
-// products differently (a code's position in a tile picks the micro-kernel and its
-// summation order), so a later copy could win. After the search, every pick is mapped
+// Exact duplicate codes tie exactly in exact arithmetic; the kernels above form every
+// value with the same operations wherever the code sits, so they tie exactly here too,
+// and this pass is a guard that keeps the promise independent of that property (it
+// was needed when tile products were BLAS calls). After the search, every pick is mapped
 // to the lowest index holding a bitwise-identical row, which is what 'ties go to the
 // lowest index' means. No effect without duplicates.
 template <typename T>
@@ -964,61 +903,45 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
   return {idx, dist};
 }
 
-// grad_weight = g^T @ rows (d x r) and grad_bias = sum_n g (d), summed so that the
-// result does not depend on the thread count: the tokens are cut into fixed chunks of
-// kBwdChunk (a function of N only), each chunk's partial is one single-threaded gemm of
-// the same shape on every run, and the partials are added in chunk order. Groups of
-// kBwdGroup chunks run in parallel, bounding the scratch memory to kBwdGroup partials
-// plus kBwdGroup gathered chunks.
+// grad_weight = g^T @ basis[idx] (d x r) and grad_bias = sum_n g (d), with the same bits
+// on every CPU, ISA, thread count and run: the tokens are cut into fixed chunks of
+// kBwdChunk (a function of N only); in a chunk, every element of the partial dW is one
+// FMA chain over the chunk's tokens in order (fma_rows, reading the basis rows through
+// the indices: no gathered copy, no BLAS), and the chunk partials are added in double in
+// chunk order. grad_bias is summed in double, token by token, per chunk likewise.
+// Groups of kBwdGroup chunks run in parallel, bounding the scratch memory to kBwdGroup
+// partials.
 constexpr int64_t kBwdChunk = 1024;
 constexpr int64_t kBwdGroup = 8;
 
 template <typename T>
-void chunk_grad(const T* g, const T* B, const int64_t* idx, int64_t n0, int64_t n1,
-                int64_t d, int64_t r, T* rows, T* dw, double* db) {
+void chunk_grad(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t n0, int64_t n1,
+                int64_t d, int64_t r, T* dw, double* db) {
   const int64_t m = n1 - n0;
-  for (int64_t i = 0; i < m; ++i) std::copy(B + idx[n0 + i] * r, B + idx[n0 + i] * r + r, rows + i * r);
-  // row-major dw (d x r) = g_chunk^T (d x m) @ rows (m x r); column-major: dw^T (r x d) =
-  // rows^T (r x m) @ g_chunk (m x d), i.e. gemm('N', 'T') on the row-major buffers.
   const T* gc = g + n0 * d;
-  SingleThreadedBlas one_thread;
-  if (have_fortran_blas()) {
-    const int M = int(r), Nn = int(d), Kk = int(m), lda = int(r), ldb = int(d), ldc = int(r);
-    const T one = 1, zero = 0;
-    if constexpr (std::is_same_v<T, float>) {
-      sgemm_("N", "T", &M, &Nn, &Kk, &one, rows, &lda, gc, &ldb, &zero, dw, &ldc);
-    } else {
-      dgemm_("N", "T", &M, &Nn, &Kk, &one, rows, &lda, gc, &ldb, &zero, dw, &ldc);
-    }
-  } else {
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor G = at::from_blob(const_cast<T*>(gc), {m, d}, opts);
-    at::Tensor R = at::from_blob(rows, {m, r}, opts);
-    at::Tensor C = at::from_blob(dw, {d, r}, opts);
-    at::mm_out(C, G.t(), R);
-  }
+  // dw[j][i] = sum_n gc[n][j] * B[idx[n0 + n]][i]
+  cpu::fma_rows<T>(isa, d, r, m, gc, 1, d, B, r, idx + n0, nullptr, dw, r);
   for (int64_t j = 0; j < d; ++j) db[j] = 0;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < d; ++j) db[j] += double(gc[i * d + j]);
 }
 
 template <typename T>
-void quantize_backward_kernel(const T* g, const T* B, const int64_t* idx, int64_t N,
+void quantize_backward_kernel(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t N,
                               int64_t d, int64_t r, T* dw_out, T* db_out) {
   const int64_t dr = d * r;
   std::vector<double> dw(dr, 0.0), db(d, 0.0);  // accumulated in double, in chunk order
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
-  std::vector<T> part(group * dr), rows(group * kBwdChunk * r);
+  std::vector<T> part(group * dr);
   std::vector<double> part_db(group * d);
   for (int64_t c0 = 0; c0 < chunks; c0 += group) {
     const int64_t c1 = std::min(chunks, c0 + group);
     at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const int64_t s = c - c0;
-        chunk_grad<T>(g, B, idx, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk), d, r,
-                      rows.data() + s * kBwdChunk * r, part.data() + s * dr,
-                      part_db.data() + s * d);
+        chunk_grad<T>(isa, g, B, idx, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk), d, r,
+                      part.data() + s * dr, part_db.data() + s * d);
       }
     });
     for (int64_t c = c0; c < c1; ++c) {
@@ -1032,6 +955,21 @@ void quantize_backward_kernel(const T* g, const T* B, const int64_t* idx, int64_
   }
   for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(dw[i]);
   for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(db[j]);
+}
+
+// codebook = basis @ weight^T + bias (K x d) in T, each value one FMA chain over r in
+// order starting from the bias (fma_rows), so the codebook has the same bits on every CPU, ISA
+// and thread count, and identical basis rows give identical codes.
+template <typename T>
+void project_codebook(Isa isa, const T* basis, const T* weight, const T* bias, int64_t K,
+                      int64_t d, int64_t r, T* out) {
+  std::vector<T> wt(r * d);  // weight^T, r x d: row i holds weight[:, i]
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t i = 0; i < r; ++i) wt[i * d + j] = weight[j * r + i];
+  at::parallel_for(0, K, 256, [&](int64_t b, int64_t e) {
+    cpu::fma_rows<T>(isa, e - b, d, r, basis + b * r, r, 1, wt.data(), d, nullptr, bias,
+                     out + b * d, d);
+  });
 }
 
 }  // namespace
@@ -1050,24 +988,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
   const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // The implicit codebook, K x d (the size of the codebook itself, never N x K),
   // projected in the compute precision so low-precision inputs are not rounded twice.
-  // With d = 1 the product would be a gemv over the basis rows, which rounds the last
-  // (K mod 4) rows differently, so identical basis rows would give different codes:
-  // project two copies of the weight row (gemm path) and keep the first column.
-  at::Tensor w = weight.to(compute);
-  at::Tensor b = bias.has_value() ? bias->to(compute) : at::Tensor();
-  const bool pad = w.size(0) == 1;
-  if (pad) {
-    w = at::cat({w, w});
-    if (b.defined()) b = at::cat({b, b});
-  }
-  at::Tensor codebook = b.defined() ? at::addmm(b, basis.to(compute), w.t())
-                                    : at::mm(basis.to(compute), w.t());
-  if (pad) codebook = codebook.slice(1, 0, 1).contiguous();
+  const at::Tensor B = basis.to(compute).contiguous();
+  const at::Tensor w = weight.to(compute).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(compute).contiguous() : at::Tensor();
+  const int64_t K = B.size(0), d = w.size(0), r = B.size(1);
+  at::Tensor codebook = at::empty({K, d}, B.options());
+  const Isa isa = cpu::config().isa;
+  AT_DISPATCH_SWITCH(compute, "simvq_project_codebook_cpu",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       project_codebook<float>(isa, B.data_ptr<float>(), w.data_ptr<float>(),
+                                               b.defined() ? b.data_ptr<float>() : nullptr, K,
+                                               d, r, codebook.data_ptr<float>());
+                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
+                       project_codebook<double>(isa, B.data_ptr<double>(), w.data_ptr<double>(),
+                                                b.defined() ? b.data_ptr<double>() : nullptr,
+                                                K, d, r, codebook.data_ptr<double>());
+                     }));
   auto [idx, dist] = nearest_code_impl(z, codebook);
-  // Identical basis rows are the same code whatever the projection, but the projection
-  // gemm may round them differently by row position (its kernel path depends on the
-  // shape), so a later copy could win: map picks to the lowest identical basis row too.
-  if (z.size(0) > 0 && basis.size(1) > 0) remap_by_rows(basis, idx);
   at::Tensor zq = codebook.index_select(0, idx).to(z.scalar_type());
   return {zq, idx, dist};
 }
@@ -1101,17 +1038,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
   }
   at::Tensor dW = at::empty({d, r}, g.options());
   at::Tensor db = at::empty({d}, g.options());
+  const Isa isa = cpu::config().isa;
   AT_DISPATCH_SWITCH(compute, "simvq_quantize_backward_cpu",
                      AT_DISPATCH_CASE(at::kFloat,
                                       [&] {
                                         quantize_backward_kernel<float>(
-                                            g.data_ptr<float>(), B.data_ptr<float>(),
+                                            isa, g.data_ptr<float>(), B.data_ptr<float>(),
                                             ix.data_ptr<int64_t>(), N, d, r,
                                             dW.data_ptr<float>(), db.data_ptr<float>());
                                       })
                          AT_DISPATCH_CASE(at::kDouble, [&] {
                            quantize_backward_kernel<double>(
-                               g.data_ptr<double>(), B.data_ptr<double>(),
+                               isa, g.data_ptr<double>(), B.data_ptr<double>(),
                                ix.data_ptr<int64_t>(), N, d, r, dW.data_ptr<double>(),
                                db.data_ptr<double>());
                          }));

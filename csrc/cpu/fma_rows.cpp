@@ -1,0 +1,162 @@
+// simvq-kernels: fma_rows and the FMA peak loop (fma_rows.h), one body
+// (fma_rows_body.inc) compiled for each instruction set: AVX-512F, AVX2 + FMA, and
+// scalar fused multiply-adds (std::fma, which is exactly rounded wherever it runs).
+#include "fma_rows.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/Exception.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SIMVQ_FMA_X86 1
+#include <immintrin.h>
+#endif
+
+namespace simvq {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------ scalar
+namespace scalar_isa {
+template <typename E>
+struct Scalar {
+  using T = E;
+  using reg = E;
+  static constexpr int W = 1, MR = 4, NV = 4;
+  static reg zero() { return E(0); }
+  static reg bcast(E x) { return x; }
+  static reg load(const E* p) { return *p; }
+  static reg load_n(const E* p, int) { return *p; }
+  static void store(E* p, reg v) { *p = v; }
+  static void store_n(E* p, reg v, int) { *p = v; }
+  static reg add(reg a, reg b) { return a + b; }
+  static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
+};
+using VF = Scalar<float>;
+using VD = Scalar<double>;
+#include "fma_rows_body.inc"
+}  // namespace scalar_isa
+
+#ifdef SIMVQ_FMA_X86
+// ------------------------------------------------------------------ AVX2 + FMA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2_isa {
+inline __m256i lanes_below(int n) {  // lanes [0, n) set, for maskload / maskstore
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i lanes_below_pd(int n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+struct VF {
+  using T = float;
+  using reg = __m256;
+  static constexpr int W = 8, MR = 4, NV = 3;  // 12 accumulators of 16 ymm registers
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg bcast(float x) { return _mm256_set1_ps(x); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+};
+struct VD {
+  using T = double;
+  using reg = __m256d;
+  static constexpr int W = 4, MR = 4, NV = 3;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg bcast(double x) { return _mm256_set1_pd(x); }
+  static reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static reg load_n(const double* p, int n) { return _mm256_maskload_pd(p, lanes_below_pd(n)); }
+  static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+  static void store_n(double* p, reg v, int n) { _mm256_maskstore_pd(p, lanes_below_pd(n), v); }
+  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+};
+#include "fma_rows_body.inc"
+}  // namespace avx2_isa
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX-512F
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512_isa {
+inline __mmask16 mask16(int n) { return __mmask16((1u << n) - 1u); }
+inline __mmask8 mask8(int n) { return __mmask8((1u << n) - 1u); }
+struct VF {
+  using T = float;
+  using reg = __m512;
+  static constexpr int W = 16, MR = 6, NV = 4;  // 24 accumulators of 32 zmm registers
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg bcast(float x) { return _mm512_set1_ps(x); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask16(n), p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static void store_n(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, mask16(n), v); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+};
+struct VD {
+  using T = double;
+  using reg = __m512d;
+  static constexpr int W = 8, MR = 6, NV = 4;
+  static reg zero() { return _mm512_setzero_pd(); }
+  static reg bcast(double x) { return _mm512_set1_pd(x); }
+  static reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static reg load_n(const double* p, int n) { return _mm512_maskz_loadu_pd(mask8(n), p); }
+  static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static void store_n(double* p, reg v, int n) { _mm512_mask_storeu_pd(p, mask8(n), v); }
+  static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+};
+#include "fma_rows_body.inc"
+}  // namespace avx512_isa
+#pragma GCC pop_options
+#endif
+
+}  // namespace
+
+template <typename T>
+void fma_rows(Isa isa, int64_t M, int64_t J, int64_t T_len, const T* a, int64_t a_m,
+              int64_t a_t, const T* rows, int64_t ld_rows, const int64_t* gather,
+              const T* init, T* out, int64_t ldo) {
+  if (M <= 0 || J <= 0) return;
+  constexpr bool f32 = std::is_same_v<T, float>;
+#ifdef SIMVQ_FMA_X86
+  if (isa == Isa::kAvx512) {
+    using V = std::conditional_t<f32, avx512_isa::VF, avx512_isa::VD>;
+    avx512_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+    return;
+  }
+  if (isa == Isa::kAvx2) {
+    using V = std::conditional_t<f32, avx2_isa::VF, avx2_isa::VD>;
+    avx2_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+    return;
+  }
+#endif
+  using V = std::conditional_t<f32, scalar_isa::VF, scalar_isa::VD>;
+  scalar_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+}
+
+template void fma_rows<float>(Isa, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                              const float*, int64_t, const int64_t*, const float*, float*,
+                              int64_t);
+template void fma_rows<double>(Isa, int64_t, int64_t, int64_t, const double*, int64_t,
+                               int64_t, const double*, int64_t, const int64_t*,
+                               const double*, double*, int64_t);
+
+double fma_peak_work(Isa isa, int64_t iterations) {
+  TORCH_CHECK(cpu_supports(isa), "fma_peak: this CPU does not run ", isa_name(isa));
+#ifdef SIMVQ_FMA_X86
+  if (isa == Isa::kAvx512) return avx512_isa::fma_peak_impl<avx512_isa::VF>(iterations);
+  if (isa == Isa::kAvx2) return avx2_isa::fma_peak_impl<avx2_isa::VF>(iterations);
+#endif
+  return scalar_isa::fma_peak_impl<scalar_isa::VF>(iterations);
+}
+
+}  // namespace cpu
+}  // namespace simvq
