@@ -8,7 +8,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <c10/util/Exception.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SIMVQ_FMA_X86 1
@@ -158,5 +162,39 @@ double fma_peak_work(Isa isa, int64_t iterations) {
   return scalar_isa::fma_peak_impl<scalar_isa::VF>(iterations);
 }
 
+namespace {
+// The benchmark's peak probe: `iterations` rounds of the FMA loop on every thread of
+// torch's intra-op pool at once; returns the floating-point operations done in all.
+double fma_peak_op(const std::string& isa, int64_t iterations) {
+  Isa which;
+  if (isa == "avx512") {
+    which = Isa::kAvx512;
+  } else if (isa == "avx2") {
+    which = Isa::kAvx2;
+  } else if (isa == "scalar") {
+    which = Isa::kScalar;
+  } else {
+    TORCH_CHECK(false, "fma_peak: `isa`='", isa, "' is not one of: scalar, avx2, avx512");
+  }
+  TORCH_CHECK(cpu_supports(which), "fma_peak: `isa`=", isa, " but this CPU does not run it");
+  TORCH_CHECK(iterations > 0, "fma_peak: `iterations` must be positive, got ", iterations);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> flops(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) flops[i] = fma_peak_work(which, iterations);
+  });
+  double total = 0;
+  for (double f : flops) total += f;
+  return total;
+}
+}  // namespace
+
 }  // namespace cpu
 }  // namespace simvq
+
+TORCH_LIBRARY_FRAGMENT(simvq, m) {
+  // fma_peak(isa, iterations) -> floating-point operations done: a loop of independent
+  // FMA chains in `isa`'s widest vectors on every intra-op thread (time it to get the
+  // machine's FMA peak; python -m simvq_kernels.bench reports its rows against it).
+  m.def("fma_peak(str isa, int iterations) -> float", &simvq::cpu::fma_peak_op);
+}
