@@ -345,6 +345,11 @@ class ShardedSimVQ(SimVQ):
         return super().indices_to_codes(indices)
 
     # ----------------------------------------------------------------- search
+    def _trains_fused(self, flat) -> bool:
+        # the training step goes through the sharded search below (a collective), never
+        # the single-device fused step
+        return False
+
     @torch.compiler.disable
     def _search(self, zs):
         cdt = autocast_compute_dtype(zs)

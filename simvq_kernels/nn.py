@@ -68,12 +68,16 @@ def commitment_losses(z, zq):
     return commit, codebook
 
 
-def simvq_loss(z, zq, beta=0.25, legacy=False):
-    """Official loss: beta * commit + codebook (legacy=True swaps the weights)."""
-    commit, codebook = commitment_losses(z, zq)
+def _weighted_loss(commit, codebook, beta, legacy):
+    """beta * commit + codebook (legacy=True swaps the weights)."""
     if legacy:
         return commit + beta * codebook
     return beta * commit + codebook
+
+
+def simvq_loss(z, zq, beta=0.25, legacy=False):
+    """Official loss: beta * commit + codebook (legacy=True swaps the weights)."""
+    return _weighted_loss(*commitment_losses(z, zq), beta, legacy)
 
 
 def straight_through(z, zq):
@@ -657,6 +661,16 @@ class SimVQ(nn.Module):
             zq = F.linear(rows, self.weight, self.bias)
         return zq, q.indices, q.distances, q.backend
 
+    def _trains_fused(self, flat) -> bool:
+        """Whether the training forward of ``flat`` (N, d) may run as one
+        ``ops.quantize_train`` step: a plain linear projection whose parameters want
+        gradients, float32 / float64 tokens of the parameters' dtype, no autocast, not
+        inside torch.compile (which fuses the plain formulas itself), N > 0."""
+        return (self._linear and not self._use_cache() and not torch.compiler.is_compiling()
+                and flat.shape[0] > 0 and flat.dtype in (torch.float32, torch.float64)
+                and flat.dtype == self.weight.dtype == self.basis.dtype
+                and autocast_compute_dtype(flat) is None)
+
     def _check_dtype(self, zs):
         """Without autocast every tensor of a call shares one dtype (the ops would name
         the basis; the user passed only z)."""
@@ -697,10 +711,20 @@ class SimVQ(nn.Module):
         # padded rows are zeroed before anything reads them (their values, even NaN,
         # must reach neither the search, nor the loss, nor a gradient)
         flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
-        zq, idx, dist, backend = self._search(flat_s.detach())
+        if m is None and not self.rotation_trick and self._trains_fused(flat_s):
+            # the plain training step: quantiser, estimator and losses in one op
+            self._codebook_cache = self._codebook_map_cache = None
+            step = ops.quantize_train(flat_s, self.basis, self.weight, self.bias,
+                                      backend=self.backend,
+                                      duplicate_map=self._duplicate_map(self.basis))
+            out, idx, dist, backend = step.out, step.indices, step.distances, step.backend
+            loss = (_weighted_loss(step.commit, step.codebook, self.beta, self.legacy)
+                    * self.commitment_weight)
+        else:
+            zq, idx, dist, backend = self._search(flat_s.detach())
+            loss = self._loss(flat_s, zq, m)
+            out = self._estimator(flat_s, zq)
         self.last_backend = backend
-        loss = self._loss(flat_s, zq, m)
-        out = self._estimator(flat_s, zq)
         self._count(idx, m)
         if m is not None:
             out = torch.where(m[:, None], out, flat)

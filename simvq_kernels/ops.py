@@ -223,6 +223,109 @@ def basis_duplicate_map(basis: torch.Tensor) -> torch.Tensor:
     return _python_backends.basis_duplicate_map(basis)
 
 
+# ------------------------------------------------- the layer's estimator and losses
+
+class _StraightThroughWithLosses(torch.autograd.Function):
+    """(out, commit, codebook) = (z + sg(zq - z), mean((sg(zq) - z)^2), mean((zq - sg(z))^2))
+    for z, zq of one dtype, in one autograd node: the values of ``nn.straight_through`` and
+    ``nn.commitment_losses`` (both losses are mean(diff^2), diff = zq - z) in four passes
+    over the tokens, and two backward, instead of about twenty small ops and their
+    graph. With M = z.numel(): dz = d_out - (2 / M) d_commit diff,
+    dzq = (2 / M) d_codebook diff (no host sync, so any device)."""
+
+    @staticmethod
+    def forward(ctx, z, zq):
+        diff = zq - z
+        out = z + diff
+        loss = diff.square().mean()
+        ctx.save_for_backward(diff)
+        return out, loss, loss.clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_commit, d_codebook):
+        (diff,) = ctx.saved_tensors
+        scale = 2.0 / max(diff.numel(), 1)
+        dz = torch.addcmul(d_out, diff, d_commit, value=-scale) \
+            if ctx.needs_input_grad[0] else None
+        dzq = diff * (d_codebook * scale) if ctx.needs_input_grad[1] else None
+        return dz, dzq
+
+
+class _FusedTrainStep(torch.autograd.Function):
+    """A backend's fused training step (``Backend.quantize_train``): the projection, the
+    search, the straight-through output and the sum of squared differences in one call,
+    and dz, dW, db in one backward call, with no N x d temporary (zq is never formed)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, basis, fused):
+        out, idx, dist, sumsq, codebook = fused.quantize_train(z, basis, weight, bias)
+        loss = (sumsq / z.numel()).to(z.dtype)
+        ctx.fused, ctx.has_bias = fused, bias is not None
+        ctx.save_for_backward(z, basis, codebook, idx)
+        ctx.mark_non_differentiable(idx, dist)
+        return out, loss, loss.clone(), idx, dist
+
+    @staticmethod
+    def backward(ctx, d_out, d_commit, d_codebook, _d_idx, _d_dist):
+        z, basis, codebook, idx = ctx.saved_tensors
+        scale = 2.0 / max(z.numel(), 1)
+        dz, dw, db = ctx.fused.quantize_train_backward(
+            d_out, z, basis, codebook, idx, scale * float(d_commit), scale * float(d_codebook))
+        return (dz if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None,
+                db if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None)
+
+
+def straight_through_with_losses(z: torch.Tensor, zq: torch.Tensor):
+    """(out, commit, codebook) for tokens ``z`` and their codes ``zq`` of one shape and
+    dtype: out = z + sg(zq - z) (value zq, gradient to z), commit = mean((sg(zq) - z)^2)
+    (gradient to z), codebook = mean((zq - sg(z))^2) (gradient to zq), in one autograd
+    node."""
+    return _StraightThroughWithLosses.apply(z, zq)
+
+
+class TrainOutput(NamedTuple):
+    out: torch.Tensor  # (N, d) = z + sg(zq - z), in z's dtype
+    commit: torch.Tensor  # mean((sg(zq) - z)^2), scalar
+    codebook: torch.Tensor  # mean((zq - sg(z))^2), scalar
+    indices: torch.Tensor  # (N,) int64
+    distances: torch.Tensor  # (N,)
+    backend: str
+
+
+def quantize_train(z, basis, weight, bias=None, backend="auto", *, check_finite=None,
+                   duplicate_map=None) -> TrainOutput:
+    """What a SimVQ layer's training forward needs from the quantiser, for float32 /
+    float64 tokens z (N, d) with basis, weight, bias of z's dtype: the straight-through
+    output ``out = z + sg(zq - z)`` and the two commitment losses
+    (``commit = mean((sg(zq) - z)^2)``, gradient to z; ``codebook =
+    mean((zq - sg(z))^2)``, gradient to weight and bias through zq), with the indices
+    and distances of :func:`quantize`. A backend with a fused training step (the
+    ``cpu`` backend) runs it in one call forward and one backward with no N x d
+    temporary; the others run :func:`quantize` and :func:`straight_through_with_losses`.
+    Same values either way, up to the rounding of the sums."""
+    _validate.check_quantize(z, basis, weight, bias)
+    if duplicate_map is not None:
+        _validate.check_duplicate_map(duplicate_map, basis, "basis")
+    maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
+                           check_finite)
+    name = _select(backend, z.device, z.dtype)
+    fused = BACKENDS[name]
+    wide = False
+    if maxima:
+        code_bound = (basis.shape[1] * maxima["basis"] * maxima["weight"]
+                      + maxima.get("bias", 0.0))
+        wide = _validate.needs_float64(z.dtype, z.shape[1], max(maxima["z"], code_bound))
+    if (fused.has_train_step and not _compiling() and not wide and z.shape[0] > 0
+            and z.dtype in (torch.float32, torch.float64)):
+        out, commit, code, idx, dist = _FusedTrainStep.apply(z, weight, bias, basis, fused)
+        return TrainOutput(out, commit, code, idx, dist.to(_dist_dtype(z.dtype)), name)
+    q = quantize(z.detach(), basis, weight, bias, name, check_finite=False,
+                 duplicate_map=duplicate_map)
+    out, commit, code = straight_through_with_losses(z, q.zq.to(z.dtype))
+    return TrainOutput(out, commit, code, q.indices, q.distances, name)
+
+
 def ensure_loaded() -> bool:
     """Load the compiled extension now (and register its fake kernels and autograd).
 

@@ -37,15 +37,19 @@ def _cases():
 
 @pytest.fixture
 def spy(monkeypatch):
+    """The dtypes the layer hands the quantiser: ops.quantize, or ops.quantize_train (the
+    plain training step of float32 / float64 tokens)."""
     seen = []
-    real = ops.quantize
 
-    def wrapped(z, basis, weight, bias=None, backend="auto", **kw):
-        seen.append((z.dtype, basis.dtype, weight.dtype,
-                     None if bias is None else bias.dtype))
-        return real(z, basis, weight, bias, backend, **kw)
+    def wrap(real):
+        def wrapped(z, basis, weight, bias=None, backend="auto", **kw):
+            seen.append((z.dtype, basis.dtype, weight.dtype,
+                         None if bias is None else bias.dtype))
+            return real(z, basis, weight, bias, backend, **kw)
+        return wrapped
 
-    monkeypatch.setattr(ops, "quantize", wrapped)
+    monkeypatch.setattr(ops, "quantize", wrap(ops.quantize))
+    monkeypatch.setattr(ops, "quantize_train", wrap(ops.quantize_train))
     return seen
 
 

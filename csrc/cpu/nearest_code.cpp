@@ -980,14 +980,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z,
   return nearest_code_impl(z, codebook);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
-    const at::Tensor& z, const at::Tensor& basis, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias) {
-  check_quantize_shapes(z, basis, weight, bias);
-  SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
-  const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // The implicit codebook, K x d (the size of the codebook itself, never N x K),
-  // projected in the compute precision so low-precision inputs are not rounded twice.
+// The implicit codebook basis @ weight^T + bias, K x d (the size of the codebook itself,
+// never N x K), projected in the compute precision so low-precision inputs are not
+// rounded twice.
+at::Tensor project_codebook_cpu(const at::Tensor& basis, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::ScalarType compute) {
   const at::Tensor B = basis.to(compute).contiguous();
   const at::Tensor w = weight.to(compute).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(compute).contiguous() : at::Tensor();
@@ -1004,9 +1001,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
                                                 b.defined() ? b.data_ptr<double>() : nullptr,
                                                 K, d, r, codebook.data_ptr<double>());
                      }));
+  return codebook;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
+    const at::Tensor& z, const at::Tensor& basis, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias) {
+  check_quantize_shapes(z, basis, weight, bias);
+  SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
+  const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, compute);
   auto [idx, dist] = nearest_code_impl(z, codebook);
   at::Tensor zq = codebook.index_select(0, idx).to(z.scalar_type());
   return {zq, idx, dist};
+}
+
+// ------------------------------------------------- the layer's training step, fused
+// quantize_train: what SimVQ's training forward needs, without zq as a tensor:
+//   codebook = basis @ weight^T + bias, idx / dist = nearest codes,
+//   out = z + (Q[idx] - z) (the straight-through output, bit for bit as z + sg(zq - z)),
+//   sumsq = sum (Q[idx] - z)^2 in double (both commitment losses are sumsq / (N d)).
+// quantize_train_backward: dz = d_out - commit_scale (Q[idx] - z);
+//   dW = codebook_scale sum_n (Q[idx_n] - z_n) basis[idx_n]^T, db = codebook_scale
+//   sum_n (Q[idx_n] - z_n), i.e. quantize_backward of g = codebook_scale (zq - z), with
+//   the difference formed per chunk in a per-thread buffer (no N x d temporary).
+// Both reduce over fixed chunks of kBwdChunk tokens in chunk order (double partials):
+// the same bits for any thread count and ISA. float32 / float64 tokens only.
+void check_train_tokens(const at::Tensor& z, const at::Tensor& basis) {
+  SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
+  SIMVQ_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "quantize_train takes float32 or float64 `z`, got ", z.scalar_type());
+  SIMVQ_CHECK(basis.scalar_type() == z.scalar_type(), "`basis` must have `z`'s dtype ",
+              z.scalar_type(), ", got ", basis.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_train_cpu(
+    const at::Tensor& z_in, const at::Tensor& basis, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias) {
+  check_quantize_shapes(z_in, basis, weight, bias);
+  check_train_tokens(z_in, basis);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, z.scalar_type());
+  auto [idx, dist] = nearest_code_impl(z, codebook);
+  at::Tensor out = at::empty_like(z);
+  const int64_t N = z.size(0), d = z.size(1);
+  const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
+  std::vector<double> part(std::max<int64_t>(chunks, 1), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_quantize_train_cpu", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* q = codebook.data_ptr<scalar_t>();
+    const int64_t* ix = idx.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double s[4] = {0, 0, 0, 0};  // four interleaved sums per chunk: a fixed order
+        for (int64_t n = c * kBwdChunk; n < std::min(N, (c + 1) * kBwdChunk); ++n) {
+          const scalar_t* zr = zp + n * d;
+          const scalar_t* qr = q + ix[n] * d;
+          scalar_t* orow = o + n * d;
+          for (int64_t j = 0; j < d; ++j) {
+            const scalar_t diff = qr[j] - zr[j];
+            orow[j] = zr[j] + diff;
+            s[j & 3] += double(diff) * double(diff);
+          }
+        }
+        part[c] = (s[0] + s[1]) + (s[2] + s[3]);
+      }
+    });
+  });
+  double total = 0;
+  for (double p : part) total += p;
+  return {out, idx, dist, at::scalar_tensor(total, z.options().dtype(at::kDouble)), codebook};
+}
+
+template <typename T>
+void train_backward_kernel(Isa isa, const T* g, const T* z, const T* q, const T* B,
+                           const int64_t* idx, int64_t N, int64_t d, int64_t r, T cz, double cq,
+                           T* dz, T* dw_out, T* db_out) {
+  const int64_t dr = d * r;
+  std::vector<double> dw(dr, 0.0), db(d, 0.0);
+  const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
+  const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
+  std::vector<T> part(group * dr);
+  std::vector<double> part_db(group * d);
+  for (int64_t c0 = 0; c0 < chunks; c0 += group) {
+    const int64_t c1 = std::min(chunks, c0 + group);
+    at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
+      T* diff = thread_buffer<T, 3>(kBwdChunk * d);
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
+        double* pdb = part_db.data() + (c - c0) * d;
+        for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* zr = z + n * d;
+          const T* qr = q + idx[n] * d;
+          const T* gr = g + n * d;
+          T* dr_ = diff + (n - n0) * d;
+          T* dzr = dz + n * d;
+          for (int64_t j = 0; j < d; ++j) {
+            const T v = qr[j] - zr[j];
+            dr_[j] = v;
+            dzr[j] = gr[j] - cz * v;
+            pdb[j] += double(v);
+          }
+        }
+        // partial[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
+        cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr,
+                         part.data() + (c - c0) * dr, r);
+      }
+    });
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* p = part.data() + (c - c0) * dr;
+      const double* pb = part_db.data() + (c - c0) * d;
+      at::parallel_for(0, dr, 16384, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dw[i] += double(p[i]);
+      });
+      for (int64_t j = 0; j < d; ++j) db[j] += pb[j];
+    }
+  }
+  for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(cq * dw[i]);
+  for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(cq * db[j]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
+    const at::Tensor& d_out, const at::Tensor& z_in, const at::Tensor& basis,
+    const at::Tensor& codebook, const at::Tensor& indices, double commit_scale,
+    double codebook_scale) {
+  check_train_tokens(z_in, basis);
+  SIMVQ_CHECK(d_out.sizes() == z_in.sizes() && d_out.scalar_type() == z_in.scalar_type(),
+              "`d_out` must match `z` ", z_in.sizes(), " ", z_in.scalar_type(), ", got ",
+              d_out.sizes(), " ", d_out.scalar_type());
+  SIMVQ_CHECK(codebook.dim() == 2 && codebook.size(0) == basis.size(0) &&
+                  codebook.size(1) == z_in.size(1) &&
+                  codebook.scalar_type() == z_in.scalar_type(),
+              "`codebook` must be (K, d) = (", basis.size(0), ", ", z_in.size(1), ") in ",
+              z_in.scalar_type(), ", got ", codebook.sizes(), " ", codebook.scalar_type());
+  SIMVQ_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1 &&
+                  indices.size(0) == z_in.size(0),
+              "`indices` must be int64 (", z_in.size(0), ",), got ", indices.sizes(), " ",
+              indices.scalar_type());
+  const at::Tensor z = z_in.contiguous(), g = d_out.contiguous(), q = codebook.contiguous();
+  const at::Tensor B = basis.contiguous(), ix = indices.contiguous();
+  const int64_t N = z.size(0), d = z.size(1), r = B.size(1), K = B.size(0);
+  if (N > 0) {
+    const auto [lo, hi] = at::aminmax(ix);
+    SIMVQ_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < K, "`indices` must lie in [0, ",
+                K, "), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  at::Tensor dz = at::empty_like(z);
+  at::Tensor dW = at::empty({d, r}, z.options());
+  at::Tensor db = at::empty({d}, z.options());
+  const Isa isa = cpu::config().isa;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_quantize_train_backward_cpu", [&] {
+    train_backward_kernel<scalar_t>(isa, g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                    q.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+                                    ix.data_ptr<int64_t>(), N, d, r,
+                                    static_cast<scalar_t>(commit_scale), codebook_scale,
+                                    dz.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(),
+                                    db.data_ptr<scalar_t>());
+  });
+  return {dz, dW, db};
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_zq,
@@ -1057,6 +1211,22 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
 }
 
 }  // namespace simvq
+
+// The fused training step of the SimVQ layer (simvq_kernels/nn.py, through the cpu
+// backend): plain (catch-all) kernels, called for CPU tensors only.
+TORCH_LIBRARY_FRAGMENT(simvq, m) {
+  // z (N, d), basis (K, r), weight (d, r), bias (d,) or None, float32 or float64 ->
+  //   out (N, d) = z + (Q[idx] - z), indices (N,), distances (N,), sum (Q[idx] - z)^2
+  //   (float64 scalar), codebook Q (K, d)
+  m.def("quantize_train(Tensor z, Tensor basis, Tensor weight, Tensor? bias) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &simvq::quantize_train_cpu);
+  // d_out, z, basis, codebook, indices, commit_scale, codebook_scale ->
+  //   dz = d_out - commit_scale (Q[idx] - z), dW, db of g = codebook_scale (Q[idx] - z)
+  m.def("quantize_train_backward(Tensor d_out, Tensor z, Tensor basis, Tensor codebook, "
+        "Tensor indices, float commit_scale, float codebook_scale) -> (Tensor, Tensor, Tensor)",
+        &simvq::quantize_train_backward_cpu);
+}
 
 TORCH_LIBRARY_IMPL(simvq, CPU, m) {
   m.impl("nearest_code", &simvq::nearest_code_cpu);

@@ -38,6 +38,10 @@ class Backend:
             (``backends/validation.py``).
         wants_duplicate_map: the calls use a cached ``duplicate_map`` when given (the
             pure-PyTorch searches, which otherwise run ``torch.unique`` per call).
+        has_train_step: it also implements ``quantize_train`` and
+            ``quantize_train_backward``, the SimVQ layer's fused training step for
+            float32 / float64 tokens (see ``ops.quantize_train``); the others get the
+            step composed from ``quantize`` and the straight-through estimator.
 
     The calls receive validated inputs (ranks, widths, devices, dtypes, finiteness);
     N may be 0 and views may be non-contiguous or offset.
@@ -51,6 +55,7 @@ class Backend:
     gpu: bool = False
     # whether the calls use a caller's cached ``duplicate_map`` (else it is ignored)
     wants_duplicate_map: bool = False
+    has_train_step: bool = False
 
     # ------------------------------------------------------------------ what it serves
 

@@ -1,0 +1,177 @@
+"""The SimVQ layer's fused training step (``ops.quantize_train``; the ``cpu`` backend's
+``quantize_train`` / ``quantize_train_backward`` ops): the projection, the search, the
+straight-through output and both commitment losses in one call, and dz, dW, db in one
+backward call with no N x d temporary.
+
+Checked here: the same indices as the composed step (``quantize`` + the estimator)
+and values, losses and gradients equal to it up to the rounding of the sums, against
+float64 autograd through the reference formula; bit-identical across thread counts and
+ISAs; the paths that must not take it (mask, rotation trick, autocast, low precision)
+do not; bad arguments name the argument."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import simvq_kernels as sk
+from simvq_kernels import _ext, ops
+from simvq_kernels.backends import BACKENDS
+
+
+@pytest.fixture(autouse=True)
+def _need_cpu_backend():
+    if "cpu" not in sk.available_backends():
+        pytest.fail(f"the compiled CPU backend is unavailable: {sk.backend_status()}")
+
+
+def _layer(d, k, dtype, **kw):
+    torch.manual_seed(3)
+    return sk.SimVQ(d, k, backend="cpu", **kw).to(dtype)
+
+
+def _step(layer, z, g, w_loss=3.0):
+    x = z.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out, idx, loss = layer(x)
+    (w_loss * loss + (out * g).sum()).backward()
+    return out.detach(), idx, loss.detach(), x.grad, layer.weight.grad, \
+        (None if layer.bias is None else layer.bias.grad)
+
+
+def _oracle(layer, z, g, idx, w_loss=3.0):
+    """float64 autograd of the official formulas at the given indices."""
+    B = layer.basis.double()
+    W = layer.weight.detach().double().requires_grad_(True)
+    b = None if layer.bias is None else layer.bias.detach().double().requires_grad_(True)
+    x = z.double().reshape(-1, z.shape[-1]).requires_grad_(True)
+    q = B @ W.T + (b if b is not None else 0)
+    zq = q[idx.reshape(-1)]
+    commit = ((zq.detach() - x) ** 2).mean()
+    code = ((zq - x.detach()) ** 2).mean()
+    loss = ((commit + layer.beta * code) if layer.legacy else (layer.beta * commit + code))
+    loss = loss * layer.commitment_weight
+    out = x + (zq - x).detach()
+    (w_loss * loss + (out * g.double().reshape(-1, z.shape[-1])).sum()).backward()
+    return out, loss, x.grad, W.grad, (None if b is None else b.grad)
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("d,k,n,kw", [
+    (24, 300, 2500, {}),                       # 3 chunks of tokens, the last partial
+    (7, 50, 1, {"bias": False}),               # one token, no bias
+    (33, 1000, 1024, {"legacy": True, "commitment_weight": 0.7, "beta": 0.5}),
+    (16, 40, 1500, {"basis_dim": 5}),          # r != d
+])
+def test_fused_step_against_float64(dtype, tol, d, k, n, kw):
+    layer = _layer(d, k, dtype, **kw)
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, d, generator=g).to(dtype)
+    up = torch.randn(n, d, generator=g).to(dtype)
+    out, idx, loss, dz, dw, db = _step(layer, z, up)
+    assert layer.last_backend == "cpu"
+    # the picks: the fused step's indices are the composed quantize's
+    q = ops.quantize(z, layer.basis, layer.weight.detach(),
+                     None if layer.bias is None else layer.bias.detach(), backend="cpu")
+    assert torch.equal(idx, q.indices)
+    o_out, o_loss, o_dz, o_dw, o_db = _oracle(layer, z, up, idx)
+    assert out.dtype == dtype and loss.dtype == dtype
+    assert _rel(out, o_out) < tol and abs(loss.item() - o_loss.item()) <= tol * o_loss.item()
+    for name, got, want in (("dz", dz, o_dz), ("dW", dw, o_dw), ("db", db, o_db)):
+        if want is None:
+            assert got is None
+            continue
+        assert _rel(got, want) < tol, f"{name}: relative error {_rel(got, want):.2e}"
+
+
+def test_fused_and_composed_steps_agree(monkeypatch):
+    """The cpu backend with and without its fused step: same indices, values within
+    rounding (the fused step scales dW after its sum, the composed one before)."""
+    layer = _layer(20, 500, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    z, up = torch.randn(3000, 20, generator=g), torch.randn(3000, 20, generator=g)
+    fused = _step(layer, z, up)
+    monkeypatch.setattr(type(BACKENDS["cpu"]), "has_train_step", False)
+    composed = _step(layer, z, up)
+    assert torch.equal(fused[1], composed[1])
+    for name, a, b in zip(("out", "idx", "loss", "dz", "dW", "db"), fused, composed):
+        if name != "idx":
+            assert _rel(a, b.double()) < 1e-5, name
+
+
+def _digest(*ts):
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_fused_step_bit_identical_across_threads_and_isas():
+    layer = _layer(33, 700, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    z, up = torch.randn(2100, 33, generator=g), torch.randn(2100, 33, generator=g)
+    cfg = json.loads(torch.ops.simvq.cpu_kernel_config())
+    isas = ["scalar", "avx2", "avx512"]
+    isas = isas[:isas.index(cfg["native_isa"]) + 1]
+    threads0 = torch.get_num_threads()
+    seen = {}
+    try:
+        for isa in isas:
+            torch.ops.simvq.set_cpu_kernel_config(isa, None, None)
+            for threads in (1, 2, 3, 4):
+                torch.set_num_threads(threads)
+                seen.setdefault(_digest(*_step(layer, z, up)), []).append((isa, threads))
+    finally:
+        torch.set_num_threads(threads0)
+        torch.ops.simvq.set_cpu_kernel_config(
+            cfg["isa"] if cfg["isa_from"] != "native" else "auto", None, None)
+    assert len(seen) == 1, f"the fused step differs by ISA / thread count: {seen}"
+
+
+@pytest.mark.parametrize("what", ["mask", "rotation", "bf16", "autocast", "no-grad"])
+def test_paths_that_do_not_take_the_fused_step(what, monkeypatch):
+    calls = []
+    real = BACKENDS["cpu"].quantize_train
+    monkeypatch.setattr(BACKENDS["cpu"], "quantize_train",
+                        lambda *a: calls.append(1) or real(*a))
+    layer = _layer(16, 64, torch.bfloat16 if what == "bf16" else torch.float32,
+                   rotation_trick=(what == "rotation"))
+    z = torch.randn(4, 30, 16, dtype=layer.weight.dtype, requires_grad=True)
+    if what == "mask":
+        mask = torch.ones(4, 30, dtype=torch.bool)
+        mask[:, 20:] = False
+        layer(z, mask)
+    elif what == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(z)
+    elif what == "no-grad":
+        with torch.no_grad():
+            layer(z)
+    else:
+        layer(z)
+    assert calls == []
+    if what in ("mask", "autocast", "no-grad"):  # the same layer's plain step takes it
+        layer(z)
+        assert calls == [1]
+
+
+def test_train_ops_name_bad_arguments():
+    _ext.load()
+    z = torch.randn(10, 4)
+    basis, weight = torch.randn(20, 3), torch.randn(4, 3)
+    out, idx, dist, sumsq, codebook = torch.ops.simvq.quantize_train(z, basis, weight, None)
+    assert sumsq.dtype == torch.float64 and codebook.shape == (20, 4)
+    with pytest.raises(RuntimeError, match="`z`"):
+        torch.ops.simvq.quantize_train(z.bfloat16(), basis.bfloat16(), weight.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="`indices` must lie in"):
+        torch.ops.simvq.quantize_train_backward(z, z, basis, codebook, idx + 20, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="`d_out`"):
+        torch.ops.simvq.quantize_train_backward(z[:5], z, basis, codebook, idx, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="`codebook`"):
+        torch.ops.simvq.quantize_train_backward(z, z, basis, codebook[:5], idx, 1.0, 1.0)
