@@ -5,7 +5,8 @@
 // grad_bias. Block (i, j, s) forms a 128 x 128 tile of the (d, r + 1) product over the
 // tokens of split s (reduction over tokens, 64 bytes of them per chunk), staging the
 // transposed tiles through registers (tokens become the contiguous dimension) into
-// double-buffered shared memory; each split writes its fp32 partial and a second kernel
+// double-buffered, swizzled shared memory (conflict-free stores, see plan.h), fragments
+// read by ldmatrix; each split writes its fp32 partial and a second kernel
 // adds the partials in split order in double. No K x d buffer, no atomics: reruns are
 // bit-identical.
 #include <cmath>
@@ -66,9 +67,10 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   const int64_t nend = nbeg + tokens_per_split < N ? nbeg + tokens_per_split : N;
   const int64_t nchunks = nend > nbeg ? (nend - nbeg + kTok - 1) / kTok : 0;
 
-  // thread -> (word p of the chunk, tile rows cl + 16 e): global reads along a row are
-  // spread over 16 consecutive lanes
-  const int cl = tid & 15, p = tid >> 4;
+  // thread -> word p of the chunk (tokens p * P ..), tile rows cl + 16 e (plan.h): a
+  // global read covers 8 consecutive elements of 4 token rows; a shared store, 8
+  // consecutive rows x 4 words (32 distinct banks)
+  const int p = plan::backward_word(warp, lane), cl = plan::backward_row(warp, lane, 0);
   uint32_t wa[8], wb[8];
 
   auto load = [&](int64_t c) {
@@ -100,8 +102,9 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   auto store = [&](int stage) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      As[stage][(cl + 16 * e) * kLdw + p] = wa[e];
-      Bs[stage][(cl + 16 * e) * kLdw + p] = wb[e];
+      const int at = plan::word_offset(plan::backward_row(warp, lane, e), p);
+      As[stage][at] = wa[e];
+      Bs[stage][at] = wb[e];
     }
   };
 

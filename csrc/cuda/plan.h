@@ -1,0 +1,81 @@
+// simvq-kernels: the CUDA kernels' index arithmetic as plain functions, shared by the
+// kernels (device) and a CPU test (tests/test_cuda_plan.py compiles this header with
+// the host compiler): no CUDA, no torch headers here.
+//
+// - Shared-memory tile layout: a tile is 128 rows x 16 32-bit words (64 bytes of the
+//   reduction dimension per row), rows unpadded, with the 4 16-byte segments of a row
+//   permuted by an XOR swizzle so that the 8 rows read by one ldmatrix phase, and the
+//   8 segments written by one quarter-warp of cp.async, fall on 8 distinct groups of 4
+//   banks (conflict-free), and so that the backward kernel's 32-bit transposed stores
+//   by a warp hit 32 distinct banks.
+// - Fragment addresses for ldmatrix.x4 (mma.sync m16n8k16 bf16/fp16 and m16n8k8 tf32
+//   read the same words: lane l gets row l/4, word l%4 of each 8 x 4-word matrix).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SIMVQ_HD __host__ __device__ __forceinline__
+#else
+#define SIMVQ_HD inline
+#endif
+
+namespace simvq {
+namespace cuda {
+namespace plan {
+
+// ---------------------------------------------------------------- tile layout
+
+constexpr int kRows = 128;                  // rows of a tile (tokens, codes, or d / r)
+constexpr int kRowWords = 16;               // 64 bytes of the reduction dimension
+constexpr int kSegWords = 4;                // a 16-byte segment
+constexpr int kSegs = kRowWords / kSegWords;
+constexpr int kTileWords = kRows * kRowWords;  // 2048 words = 8 KiB
+constexpr int kTileBytes = kTileWords * 4;
+
+// Physical segment of logical segment `seg` in row `row`: rows 2i and 2i+1 share one
+// 128-byte line of banks (each row is half of it); the XOR by (row / 2) % 4 gives the 4
+// row pairs of an aligned group of 8 rows 4 different segment orders, so one logical
+// segment of 8 consecutive rows covers all 8 bank groups.
+SIMVQ_HD int swizzle_seg(int row, int seg) { return seg ^ ((row >> 1) & (kSegs - 1)); }
+
+// Word offset (from the tile start) of the first word of a logical segment.
+SIMVQ_HD int seg_offset(int row, int seg) {
+  return row * kRowWords + swizzle_seg(row, seg) * kSegWords;
+}
+
+// Word offset of logical word `word` (0..15) of row `row`.
+SIMVQ_HD int word_offset(int row, int word) {
+  return seg_offset(row, word / kSegWords) + word % kSegWords;
+}
+
+// cp.async: piece q (0..511) of a tile is row q / 4, logical segment q % 4; thread tid
+// of 256 copies pieces tid and tid + 256.
+SIMVQ_HD int copy_row(int q) { return q >> 2; }
+SIMVQ_HD int copy_seg(int q) { return q & 3; }
+
+// ldmatrix.x4 for the A operand (16 rows x 16 words at rows row0.., words 8 ks..):
+// lanes 8i..8i+7 give the row addresses of matrix i: matrix 0 rows 0-7 / low 4 words,
+// 1 rows 8-15 / low, 2 rows 0-7 / high, 3 rows 8-15 / high; registers 0..3 are then the
+// fragment's a0..a3 (row g / g+8, k low / high) for both mma shapes.
+SIMVQ_HD int ldsm_a_row(int row0, int lane) { return row0 + (lane & 7) + ((lane >> 3) & 1) * 8; }
+SIMVQ_HD int ldsm_a_seg(int ks, int lane) { return 2 * ks + (lane >> 4); }
+
+// ldmatrix.x4 for two B fragments (rows n0..n0+15 = two 8-row n fragments): matrix 0
+// rows 0-7 / low, 1 rows 0-7 / high, 2 rows 8-15 / low, 3 rows 8-15 / high; registers
+// 0..3 are b[0][0], b[0][1], b[1][0], b[1][1].
+SIMVQ_HD int ldsm_b_row(int n0, int lane) { return n0 + (lane & 7) + (lane >> 4) * 8; }
+SIMVQ_HD int ldsm_b_seg(int ks, int lane) { return 2 * ks + ((lane >> 3) & 1); }
+
+// The backward kernel stages transposed tiles through registers (tokens become the
+// words): thread (warp w, lane l) holds word backward_word(w, l) (the same for all e)
+// of rows backward_row(w, l, e), e = 0..7. A warp's store for one e covers 8
+// consecutive rows x one logical segment: 32 distinct banks.
+SIMVQ_HD int backward_word(int warp, int lane) { return (warp & 3) * kSegWords + (lane >> 3); }
+SIMVQ_HD int backward_row(int warp, int lane, int e) {
+  return (warp >> 2) * 8 + 16 * e + (lane & 7);
+}
+
+}  // namespace plan
+}  // namespace cuda
+}  // namespace simvq
