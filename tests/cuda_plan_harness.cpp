@@ -1,6 +1,7 @@
-// Evaluates the CUDA kernels' index arithmetic (csrc/cuda/plan.h, the same header the
-// kernels include) on the host, for tests/test_cuda_plan.py.
+// Evaluates the CUDA kernels' index arithmetic and launch plans (csrc/cuda/plan.h, the
+// same header the kernels and launchers include) on the host, for tests/test_cuda_plan.py.
 // Reads commands from stdin, one per line, and answers each with one line:
+//   coltiles R                      -> "TILES"
 //   layout NAME                     -> "W ADDR_0 ... ADDR_31" per warp request, then "end"
 //                                      (W: bytes per lane; ADDR: word offsets)
 //   word ROW WORD                   -> "OFFSET" (word_offset)
@@ -52,6 +53,15 @@ static void layout(const std::string& name) {
         for (int l = 0; l < 32; ++l) addr[l] = word_offset(backward_row(w, l, e), backward_word(w, l));
         request(4, addr);
       }
+  } else if (name == "bias_load") {  // backward_kernel's bias_add(): 16-byte loads
+    for (int w = 0; w < 8; ++w)
+      for (int i = 0; i < 2; ++i) {
+        for (int l = 0; l < 32; ++l) {
+          const int tid = w * 32 + l;
+          addr[l] = seg_offset(bias_row(tid), bias_seg(tid, i));
+        }
+        request(16, addr);
+      }
   }
   std::cout << "end\n";
 }
@@ -62,7 +72,11 @@ int main() {
     std::istringstream in(line);
     std::string cmd;
     in >> cmd;
-    if (cmd == "layout") {
+    if (cmd == "coltiles") {
+      int64_t r;
+      in >> r;
+      std::cout << backward_col_tiles(r) << '\n';
+    } else if (cmd == "layout") {
       std::string name;
       in >> name;
       layout(name);

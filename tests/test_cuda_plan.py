@@ -6,11 +6,12 @@ header, is compiled here with the host C++ compiler and answers queries on stdin
 checks:
 
 - every shared-memory access pattern of the tile layout (cp.async writes, ldmatrix
-  reads of A and B, the backward's transposed 32-bit stores) is bank-conflict-free
-  under the hardware's wavefront rule, and the checker itself finds the conflicts of
-  the earlier padded layout (so it can fail);
+  reads of A and B, the backward's transposed 32-bit stores and its bias-sum loads) is
+  bank-conflict-free under the hardware's wavefront rule, and the checker itself finds
+  the conflicts of the earlier padded layout (so it can fail);
 - ldmatrix delivers exactly the mma.sync fragments (PTX ISA: m16n8k16 bf16/fp16 and
-  m16n8k8 tf32, which coincide in 32-bit words) from the swizzled layout.
+  m16n8k8 tf32, which coincide in 32-bit words) from the swizzled layout;
+- the backward needs one column tile at r = 127 and 128, two at 129.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def ideal(width: int) -> int:
     return max(1, 32 * width // 128)
 
 
-PATTERNS = ("cp_async", "ldsm_a", "ldsm_b", "backward_store")
+PATTERNS = ("cp_async", "ldsm_a", "ldsm_b", "backward_store", "bias_load")
 
 
 @pytest.mark.parametrize("name", PATTERNS)
@@ -135,6 +136,9 @@ def test_copies_and_stores_cover_the_tile_once(harness):
     assert sorted(seen) == sorted(logical.values())
     seen = [a for _, addrs in harness.layout("backward_store") for a in addrs]
     assert sorted(seen) == list(range(TILE * 16))
+    # the bias loads read every word of the tile once (each row: two halves)
+    seen = [a + w for _, addrs in harness.layout("bias_load") for a in addrs for w in range(4)]
+    assert sorted(seen) == list(range(TILE * 16))
 
 
 def _ldsm(addrs, lane, reg):
@@ -173,3 +177,13 @@ def test_ldmatrix_gives_the_mma_fragments(harness):
                             (n0 + 8 + g, 8 * ks + t), (n0 + 8 + g, 8 * ks + t + 4)]
                     got = [logical[_ldsm(addrs, lane, i)] for i in range(4)]
                     assert got == want, (wn, np_, ks, lane)
+
+
+# ------------------------------------------------------------------ backward
+
+
+def test_backward_column_tiles(harness):
+    # the bias gradient is a column sum, not an extra column of ones: r = 128 is one tile
+    rs = (0, 1, 127, 128, 129, 255, 256, 257)
+    got = list(map(int, harness.ask([f"coltiles {r}" for r in rs])))
+    assert got == [1, 1, 1, 1, 2, 2, 2, 3]

@@ -54,10 +54,11 @@ cudaError_t launch_search_finalize(Mma mode, const void* z, int64_t N, int64_t d
                                    int64_t* idx, float* dist, cudaStream_t stream);
 
 // Backward partials: block (i, j, s) forms, over tokens [s * tokens_per_split, ...),
-// part[s][i][j] = sum_n g[n][i] * X[n][j] for i < d, j <= r, where X[n][j] =
-// basis[idx[n]][j] for j < r and 1 for j == r (so column r is grad_bias).
-// g: N x d (row stride ldg), basis: K x r (row stride ldb), element type of the mode.
-// An index outside [0, K) makes its contribution NaN (no out-of-bounds read).
+// part[s][i][j] = sum_n g[n][i] * basis[idx[n]][j] for i < d, j < r, and the blocks
+// with j = 0 part[s][i][r] = sum_n g[n][i] (grad_bias); plan::backward_col_tiles(r)
+// column tiles. g: N x d (row stride ldg), basis: K x r (row stride ldb), element type
+// of the mode. An index outside [0, K) makes its contribution to every element NaN (no
+// out-of-bounds read).
 cudaError_t launch_backward_partials(Mma mode, const void* g, int64_t ldg, const void* basis,
                                      int64_t ldb, const int64_t* idx, int64_t N, int64_t K,
                                      int64_t d,

@@ -15,6 +15,7 @@
 
 #include "../simvq.h"
 #include "kernels.h"
+#include "plan.h"
 
 namespace simvq {
 namespace {
@@ -271,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   // Tokens are split over blocks so that about 256 blocks run; a function of the shape
   // only (the partials are added in split order), and at most 256 MiB of partials.
   const int64_t tok = cuda::kChunkBytes / int64_t(g.element_size()) * 8;  // >= 8 chunks
-  const int64_t tiles = ((d + cuda::kTileM - 1) / cuda::kTileM) *
-                        ((r + 1 + cuda::kTileN - 1) / cuda::kTileN);
+  const int64_t tiles =
+      ((d + cuda::kTileM - 1) / cuda::kTileM) * cuda::plan::backward_col_tiles(r);
   int64_t splits = std::max<int64_t>(1, (256 + tiles - 1) / tiles);
   splits = std::min<int64_t>(splits, (N + tok - 1) / tok);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (int64_t(1) << 26) / (d * (r + 1))));

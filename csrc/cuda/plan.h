@@ -1,5 +1,5 @@
 // simvq-kernels: the CUDA kernels' index arithmetic as plain functions, shared by the
-// kernels (device) and a CPU test (tests/test_cuda_plan.py compiles this header with
+// kernels (device), the launchers (host) and a CPU test (tests/test_cuda_plan.py compiles this header with
 // the host compiler): no CUDA, no torch headers here.
 //
 // - Shared-memory tile layout: a tile is 128 rows x 16 32-bit words (64 bytes of the
@@ -10,6 +10,7 @@
 //   by a warp hit 32 distinct banks.
 // - Fragment addresses for ldmatrix.x4 (mma.sync m16n8k16 bf16/fp16 and m16n8k8 tf32
 //   read the same words: lane l gets row l/4, word l%4 of each 8 x 4-word matrix).
+// - The backward's column-tile count.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +76,18 @@ SIMVQ_HD int backward_word(int warp, int lane) { return (warp & 3) * kSegWords +
 SIMVQ_HD int backward_row(int warp, int lane, int e) {
   return (warp >> 2) * 8 + 16 * e + (lane & 7);
 }
+
+// The backward's bias sum reads, per thread, logical segments 2h and 2h+1 of row
+// tid % 128 (h = tid / 128) as two 16-byte loads.
+SIMVQ_HD int bias_row(int tid) { return tid & (kRows - 1); }
+SIMVQ_HD int bias_seg(int tid, int i) { return 2 * (tid >> 7) + i; }
+
+// ---------------------------------------------------------------- backward
+
+// Column tiles (of 128) of the backward product dW = g^T B[idx], d x r: the bias
+// gradient is a column sum of g done beside the products (no extra column), so r = 128
+// is one tile. At least one tile, which also carries the bias when r = 0.
+SIMVQ_HD int64_t backward_col_tiles(int64_t r) { return r > 0 ? (r + kRows - 1) / kRows : 1; }
 
 }  // namespace plan
 }  // namespace cuda
