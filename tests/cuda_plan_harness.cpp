@@ -1,6 +1,8 @@
 // Evaluates the CUDA kernels' index arithmetic and launch plans (csrc/cuda/plan.h, the
 // same header the kernels and launchers include) on the host, for tests/test_cuda_plan.py.
 // Reads commands from stdin, one per line, and answers each with one line:
+//   smem CHUNKS BUDGET              -> "RESIDENT STREAM_A BYTES"
+//   budget PER_SM OPTIN RESERVED BPS -> "BYTES"
 //   coltiles R                      -> "TILES"
 //   layout NAME                     -> "W ADDR_0 ... ADDR_31" per warp request, then "end"
 //                                      (W: bytes per lane; ADDR: word offsets)
@@ -72,7 +74,16 @@ int main() {
     std::istringstream in(line);
     std::string cmd;
     in >> cmd;
-    if (cmd == "coltiles") {
+    if (cmd == "smem") {
+      int64_t chunks, budget;
+      in >> chunks >> budget;
+      const SearchSmem s = plan_search_smem(chunks, budget);
+      std::cout << s.resident << ' ' << int(s.stream_a) << ' ' << s.bytes << '\n';
+    } else if (cmd == "budget") {
+      int64_t per_sm, optin, reserved, bps;
+      in >> per_sm >> optin >> reserved >> bps;
+      std::cout << smem_budget(per_sm, optin, reserved, bps) << '\n';
+    } else if (cmd == "coltiles") {
       int64_t r;
       in >> r;
       std::cout << backward_col_tiles(r) << '\n';

@@ -4,8 +4,10 @@ The extension's fatbinary is read with ``cuobjdump`` (the copy Triton ships): th
 search and backward kernels exist for sm_80 and sm_90a in every mode (bf16, fp16,
 tf32, 3xTF32) and the projection in bf16/fp16, all using the tensor cores (HMMA) with
 their fragments read by ldmatrix (LDSM: 6 per 16 MMAs); the bf16/fp16 kernels fit the
-register budget of 2 blocks per SM; the CUDA-core kernels (float64, the fp32 projection) exist too; no kernel has local memory
-(no spills, no stack arrays); sm_80 PTX is embedded for newer GPUs.
+register budget of 2 blocks per SM; the search keeps its tiles in dynamic shared memory
+(sized at launch); the CUDA-core kernels (float64, the fp32 projection) exist too; no
+kernel has local memory (no spills, no stack arrays); sm_80 PTX is embedded for newer
+GPUs.
 
 This test builds nothing. When the installed extension has no CUDA kernels it skips,
 saying why, unless CI is set and a CUDA toolkit and a CUDA build of torch are both
@@ -128,6 +130,8 @@ def test_tensor_core_kernel_present(kernels, arch, kernel, mode):
     if mode in ("bf16", "fp16"):
         assert r.registers <= 128, r.registers
     assert r.shared <= 48 * 1024 + 1024, r.shared  # static shared memory only
+    if kernel == "search_kernel":  # its tiles are dynamic (planned per device at launch)
+        assert r.shared <= 1024, r.shared
 
 
 def test_no_kernel_uses_local_memory(kernels):

@@ -1,7 +1,7 @@
-"""The CUDA kernels' shared-memory index arithmetic, checked on the CPU.
+"""The CUDA kernels' index arithmetic and launch plans, checked on the CPU.
 
-csrc/cuda/plan.h holds it as plain functions that the kernels (shared-memory addresses,
-ldmatrix rows) and this test use alike: tests/cuda_plan_harness.cpp includes the same
+csrc/cuda/plan.h holds them as plain functions that the kernels (shared-memory
+addresses, ldmatrix rows), the launchers (shared memory, tiles) and this test use alike: tests/cuda_plan_harness.cpp includes the same
 header, is compiled here with the host C++ compiler and answers queries on stdin. The
 checks:
 
@@ -11,6 +11,8 @@ checks:
   the conflicts of the earlier padded layout (so it can fail);
 - ldmatrix delivers exactly the mma.sync fragments (PTX ISA: m16n8k16 bf16/fp16 and
   m16n8k8 tf32, which coincide in 32-bit words) from the swizzled layout;
+- the search's shared-memory plan stays within the budget that keeps its blocks per SM
+  and keeps the whole token tile resident whenever it fits;
 - the backward needs one column tile at r = 127 and 128, two at 129.
 """
 from __future__ import annotations
@@ -177,6 +179,34 @@ def test_ldmatrix_gives_the_mma_fragments(harness):
                             (n0 + 8 + g, 8 * ks + t), (n0 + 8 + g, 8 * ks + t + 4)]
                     got = [logical[_ldsm(addrs, lane, i)] for i in range(4)]
                     assert got == want, (wn, np_, ks, lane)
+
+
+# ------------------------------------------------------------------ shared memory
+
+
+# (per SM, per block opt-in, reserved per block): cudaDevAttr values of the cards
+DEVICES = {"A100": (167936, 166912, 1024), "H100": (233472, 232448, 1024)}
+
+
+@pytest.mark.parametrize("device", sorted(DEVICES))
+@pytest.mark.parametrize("bps", (1, 2))
+def test_search_smem_plan_fits_and_keeps_the_token_tile(harness, device, bps):
+    per_sm, optin, reserved = DEVICES[device]
+    budget = int(harness.ask([f"budget {per_sm} {optin} {reserved} {bps}"])[0])
+    assert bps * (budget + reserved) <= per_sm and budget <= optin
+    tile_bytes = TILE * 64
+    for chunks in range(1, 65):  # row widths 64 B .. 4 KiB (bf16 d = 32 .. 2048)
+        res, stream_a, nbytes = map(int, harness.ask([f"smem {chunks} {budget}"])[0].split())
+        assert nbytes <= budget
+        assert nbytes == (res + 2 * (2 if stream_a else 1)) * tile_bytes
+        if (chunks + 2) * tile_bytes <= budget:
+            assert (res, stream_a) == (chunks, 0)  # loaded once, nothing re-streamed
+        else:
+            assert stream_a == 1 and 0 <= res < chunks
+            assert (res + 1 + 4) * tile_bytes > budget  # as many as fit
+    # bf16 d = 128 (4 chunks) is resident on both cards at 2 blocks per SM
+    if bps == 2:
+        assert harness.ask([f"smem 4 {budget}"])[0].split()[:2] == ["4", "0"]
 
 
 # ------------------------------------------------------------------ backward

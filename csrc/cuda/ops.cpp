@@ -10,8 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <atomic>
 #include <limits>
+#include <mutex>
 
 #include "../simvq.h"
 #include "kernels.h"
@@ -57,17 +57,31 @@ at::Tensor chunk_rows(const at::Tensor& x) {
   return out;
 }
 
-// The device's SM count, asked once per device (a cached int: nothing is called while
-// a CUDA graph is being captured after the first use).
-int multiprocessor_count(int device) {
-  static std::atomic<int> cache[kMaxDevices] = {};
+// What the launch plans need to know of a device, asked once per device (cached ints:
+// nothing is called while a CUDA graph is being captured after the first use).
+struct DeviceShape {
+  int sms = 0;
+  int smem_per_sm = 0;          // bytes of shared memory per SM
+  int smem_per_block_optin = 0;  // the most one block may have (opted in)
+  int smem_reserved = 0;        // bytes the system reserves per block
+};
+
+const DeviceShape& device_shape(int device) {
+  static DeviceShape cache[kMaxDevices] = {};
+  static std::once_flag once[kMaxDevices];
   SIMVQ_CHECK(device >= 0 && device < kMaxDevices, "unexpected CUDA device index ", device);
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
+  std::call_once(once[device], [device] {  // (an exception leaves it to the next call)
+    DeviceShape s;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_per_sm,
+                                          cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_per_block_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_reserved,
+                                          cudaDevAttrReservedSharedMemoryPerBlock, device));
+    cache[device] = s;
+  });
+  return cache[device];
 }
 
 void check_cuda(const at::Tensor& x, const char* name) {
@@ -87,7 +101,7 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
 std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int device) {
   const int64_t tiles_m = (N + tile - 1) / tile;
   const int64_t tiles_k = (K + tile - 1) / tile;
-  const int64_t target = 2 * int64_t(multiprocessor_count(device));
+  const int64_t target = 2 * int64_t(device_shape(device).sms);
   int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
   splits = std::min<int64_t>(splits, 65535);
   const int64_t per = (tiles_k + splits - 1) / splits * tile;
@@ -139,12 +153,16 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
   at::Tensor qn = at::empty({K}, z.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::launch_code_norms(mode, cb.data_ptr(), K, ld, qn.data_ptr<float>(),
                                          stream));
+  const int bps = cuda::search_blocks_per_sm(mode);
   const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, z.get_device());
+  const DeviceShape& dev = device_shape(z.get_device());
+  const int64_t smem_budget = cuda::plan::smem_budget(dev.smem_per_sm, dev.smem_per_block_optin,
+                                                      dev.smem_reserved, bps);
 
   at::Tensor part_val = at::empty({splits, N}, z.options().dtype(at::kFloat));
   at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
   C10_CUDA_CHECK(cuda::launch_search(mode, z.data_ptr(), cb.data_ptr(), qn.data_ptr<float>(), N,
-                                     K, ld, int(splits), codes_per_split,
+                                     K, ld, int(splits), codes_per_split, smem_budget,
                                      part_val.data_ptr<float>(), part_idx.data_ptr<int32_t>(),
                                      stream));
   C10_CUDA_CHECK(cuda::launch_search_finalize(mode, z.data_ptr(), N, d, ld, int(splits),

@@ -10,6 +10,7 @@
 //   by a warp hit 32 distinct banks.
 // - Fragment addresses for ldmatrix.x4 (mma.sync m16n8k16 bf16/fp16 and m16n8k8 tf32
 //   read the same words: lane l gets row l/4, word l%4 of each 8 x 4-word matrix).
+// - The search's shared-memory plan: how much of the token tile stays resident.
 // - The backward's column-tile count.
 #pragma once
 
@@ -81,6 +82,44 @@ SIMVQ_HD int backward_row(int warp, int lane, int e) {
 // tid % 128 (h = tid / 128) as two 16-byte loads.
 SIMVQ_HD int bias_row(int tid) { return tid & (kRows - 1); }
 SIMVQ_HD int bias_seg(int tid, int i) { return 2 * (tid >> 7) + i; }
+
+// ---------------------------------------------------------------- search shared memory
+
+// The search block keeps chunks [0, resident) of its 128 x d token tile in shared memory
+// for its whole life (loaded once) and streams the codes (and any token chunks beyond
+// `resident`) through 2 stages. With every chunk resident a stage holds a code tile
+// only (8 KiB); otherwise a code tile and a token tile (16 KiB).
+struct SearchSmem {
+  int64_t resident;  // token chunks resident in shared memory
+  bool stream_a;     // token chunks >= resident are streamed with the codes
+  int64_t bytes;     // dynamic shared memory per block
+};
+
+constexpr int kStages = 2;
+
+SIMVQ_HD int64_t search_smem_bytes(int64_t resident, bool stream_a) {
+  return (resident + int64_t(kStages) * (stream_a ? 2 : 1)) * kTileBytes;
+}
+
+// The plan for a width of `chunks` 64-byte chunks under `budget` bytes of shared memory
+// per block: everything resident when it fits, else as many chunks as fit next to the
+// 2 x 16 KiB stages (at least 0: 32 KiB, which every sm_80+ GPU has).
+SIMVQ_HD SearchSmem plan_search_smem(int64_t chunks, int64_t budget) {
+  if (search_smem_bytes(chunks, false) <= budget) return {chunks, false, search_smem_bytes(chunks, false)};
+  int64_t r = (budget - search_smem_bytes(0, true)) / kTileBytes;
+  if (r < 0) r = 0;
+  if (r > chunks - 1) r = chunks - 1;
+  return {r, true, search_smem_bytes(r, true)};
+}
+
+// Shared memory a block may use so that `blocks_per_sm` blocks fit on an SM: the SM's
+// shared memory divided between them (less the per-block reservation), and no more
+// than one block may have.
+SIMVQ_HD int64_t smem_budget(int64_t per_sm, int64_t per_block_optin, int64_t reserved_per_block,
+                             int64_t blocks_per_sm) {
+  int64_t b = per_sm / (blocks_per_sm > 0 ? blocks_per_sm : 1) - reserved_per_block;
+  return b < per_block_optin ? b : per_block_optin;
+}
 
 // ---------------------------------------------------------------- backward
 
