@@ -1,6 +1,8 @@
 // Evaluates the CUDA kernels' index arithmetic and launch plans (csrc/cuda/plan.h, the
 // same header the kernels and launchers include) on the host, for tests/test_cuda_plan.py.
 // Reads commands from stdin, one per line, and answers each with one line:
+//   splits SLOTS N K TILE           -> "SPLITS PER"
+//   cost SLOTS N K TILE S           -> "COST" (split_cost of S splits, in code tiles)
 //   smem CHUNKS BUDGET              -> "RESIDENT STREAM_A BYTES"
 //   budget PER_SM OPTIN RESERVED BPS -> "BYTES"
 //   coltiles R                      -> "TILES"
@@ -74,7 +76,16 @@ int main() {
     std::istringstream in(line);
     std::string cmd;
     in >> cmd;
-    if (cmd == "smem") {
+    if (cmd == "splits") {
+      int64_t slots, n, k, tile;
+      in >> slots >> n >> k >> tile;
+      const SplitPlan p = plan_code_splits(slots, n, k, tile);
+      std::cout << p.splits << ' ' << p.per << '\n';
+    } else if (cmd == "cost") {
+      int64_t slots, n, k, tile, sp;
+      in >> slots >> n >> k >> tile >> sp;
+      std::cout << split_cost((n + tile - 1) / tile, (k + tile - 1) / tile, slots, sp) << '\n';
+    } else if (cmd == "smem") {
       int64_t chunks, budget;
       in >> chunks >> budget;
       const SearchSmem s = plan_search_smem(chunks, budget);

@@ -1,10 +1,14 @@
 """The CUDA kernels' index arithmetic and launch plans, checked on the CPU.
 
 csrc/cuda/plan.h holds them as plain functions that the kernels (shared-memory
-addresses, ldmatrix rows), the launchers (shared memory, tiles) and this test use alike: tests/cuda_plan_harness.cpp includes the same
-header, is compiled here with the host C++ compiler and answers queries on stdin. The
-checks:
+addresses, ldmatrix rows), the launchers (grid, shared memory) and this test use alike:
+tests/cuda_plan_harness.cpp includes the same header, is compiled here with the host
+C++ compiler and answers queries on stdin. The checks:
 
+- the search grid's code splits give whole waves, or close, on tables of (SMs, N, K)
+  (132 SMs as an H100, 108 as an A100, 78 as a small GPU; edge N and K), never worse
+  than the earlier rule ceil(2 SMs / token tiles), and the split search finds its own
+  cost model's minimum;
 - every shared-memory access pattern of the tile layout (cp.async writes, ldmatrix
   reads of A and B, the backward's transposed 32-bit stores and its bias-sum loads) is
   bank-conflict-free under the hardware's wavefront rule, and the checker itself finds
@@ -17,6 +21,7 @@ checks:
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +41,11 @@ class Harness:
         out = subprocess.run([self.exe], input="".join(l + "\n" for l in lines),
                              capture_output=True, text=True, check=True).stdout
         return out.splitlines()
+
+    def splits(self, cases):
+        """[(splits, per)] for [(slots, N, K)] (tile 128)."""
+        out = self.ask([f"splits {s} {n} {k} {TILE}" for s, n, k in cases])
+        return [tuple(map(int, line.split())) for line in out]
 
     def layout(self, name):
         """[(width, [32 word offsets])] of one access pattern, one per warp request."""
@@ -179,6 +189,91 @@ def test_ldmatrix_gives_the_mma_fragments(harness):
                             (n0 + 8 + g, 8 * ks + t), (n0 + 8 + g, 8 * ks + t + 4)]
                     got = [logical[_ldsm(addrs, lane, i)] for i in range(4)]
                     assert got == want, (wn, np_, ks, lane)
+
+
+# ------------------------------------------------------------------ search grid
+
+SLOTS = {"H100 (132 SMs)": 132, "A100 (108 SMs)": 108, "small (78 SMs)": 78}
+NS = (1, 127, 128, 129, 1000, 1500, 4096, 8192, 16383, 16384, 16385, 65536, 100_000,
+      262_144, 1_000_000)
+KS = (1, 127, 128, 129, 1000, 1024, 4096, 4097, 8192, 65536, 100_000, 262_144, 1_000_000)
+
+
+def _table():
+    return [(sms * bps, n, k) for sms in SLOTS.values() for bps in (1, 2) for n in NS
+            for k in KS]
+
+
+def _old_rule(slots, n, k):
+    tm, tk = math.ceil(n / TILE), math.ceil(k / TILE)
+    s = min(tk, max(1, math.ceil(slots / tm)))
+    per = math.ceil(tk / s)
+    return math.ceil(tk / per), per * TILE
+
+
+def _time(slots, n, k, splits, per, overhead=1):
+    """waves x (code tiles per block + a block's fixed cost), in code tiles"""
+    tm = math.ceil(n / TILE)
+    return math.ceil(tm * splits / slots) * (per // TILE + overhead)
+
+
+def test_splits_are_valid(harness):
+    cases = _table()
+    for (slots, n, k), (s, per) in zip(cases, harness.splits(cases)):
+        assert per % TILE == 0 and per > 0
+        assert 1 <= s <= 65535
+        assert s * per >= k and (s - 1) * per < k, (slots, n, k, s, per)  # no empty split
+
+
+def test_issue_shapes_fill_one_wave_on_h100(harness):
+    # 2 blocks per SM x 132 SMs = 264 slots; the earlier rule made 384, 320 and 288
+    # blocks (1.45, 1.21, 1.09 waves)
+    cases = [(264, 16384, 262144), (264, 8192, 8192), (264, 4096, 65536)]
+    for (slots, n, k), (s, per) in zip(cases, harness.splits(cases)):
+        blocks = math.ceil(n / TILE) * s
+        assert 0.9 * slots <= blocks <= slots, (n, k, s, blocks)
+        old = _old_rule(slots, n, k)
+        assert math.ceil(n / TILE) * old[0] > slots  # (the earlier rule spilled over)
+        assert _time(slots, n, k, s, per) < _time(slots, n, k, *old)
+
+
+def test_splits_never_worse_than_the_old_rule(harness):
+    cases = _table()
+    for (slots, n, k), (s, per) in zip(cases, harness.splits(cases)):
+        assert _time(slots, n, k, s, per) <= _time(slots, n, k, *_old_rule(slots, n, k)), \
+            (slots, n, k, s, per)
+
+
+def test_splits_keep_the_waves_busy(harness):
+    # with enough work (>= 64 code tiles per token tile and >= 8 block slots' worth),
+    # the busy fraction of the launched waves, token tiles x code tiles over slots x
+    # waves x code tiles per block, stays >= 0.75 (granularity: a block is whole code
+    # tiles and a fixed cost of about one more); typical shapes are >= 0.95
+    cases = _table()
+    worst = 1.0
+    for (slots, n, k), (s, per) in zip(cases, harness.splits(cases)):
+        tm, tk = math.ceil(n / TILE), math.ceil(k / TILE)
+        if tk < 64 or tm * tk < 8 * slots:
+            continue
+        busy = tm * tk / (slots * math.ceil(tm * s / slots) * (per // TILE))
+        worst = min(worst, busy)
+        assert busy >= 0.75, (slots, n, k, s, per, busy)
+        if n in (16384, 262_144) and k in (65536, 262_144):
+            assert busy >= 0.95, (slots, n, k, s, per, busy)
+    assert worst < 1.0
+
+
+def test_split_search_finds_its_cost_minimum(harness):
+    cases = [(slots, n, k) for slots in (264, 216, 156, 108, 78)
+             for n in (128, 1000, 16384, 65536) for k in (4097, 65536, 262144)]
+    for (slots, n, k), (s, per) in zip(cases, harness.splits(cases)):
+        # the documented search range: up to about 8 waves of blocks, at least 4 splits
+        tm, tk = math.ceil(n / TILE), math.ceil(k / TILE)
+        tries = range(1, min(tk, max(math.ceil(8 * slots / tm), 4)) + 1)
+        costs = list(map(int, harness.ask([f"cost {slots} {n} {k} {TILE} {t}" for t in tries])))
+        best = min(costs)
+        assert int(harness.ask([f"cost {slots} {n} {k} {TILE} {s}"])[0]) == best, \
+            (slots, n, k, s)
 
 
 # ------------------------------------------------------------------ shared memory

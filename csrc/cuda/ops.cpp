@@ -95,17 +95,14 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 129 are supported");
 }
 
-// Splits of the code range so that about two blocks per SM run when the token tiles
-// alone do not fill the GPU (the result does not depend on the split): (splits, codes
-// per split, a multiple of `tile`).
-std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int device) {
-  const int64_t tiles_m = (N + tile - 1) / tile;
-  const int64_t tiles_k = (K + tile - 1) / tile;
-  const int64_t target = 2 * int64_t(device_shape(device).sms);
-  int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t per = (tiles_k + splits - 1) / splits * tile;
-  return {(K + per - 1) / per, per};
+// Splits of the code range so that the grid is a whole number of waves, or close
+// (plan::plan_code_splits; the result does not depend on the split): (splits, codes
+// per split, a multiple of `tile`), for a kernel that runs `blocks_per_sm` blocks per SM.
+std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int blocks_per_sm,
+                                        int device) {
+  const int64_t slots = int64_t(device_shape(device).sms) * blocks_per_sm;
+  const cuda::plan::SplitPlan p = cuda::plan::plan_code_splits(slots, N, K, tile);
+  return {p.splits, p.per};
 }
 
 // Row-major rows with unit column stride (a copy only when needed).
@@ -117,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> search_f64(const at::Tensor& z_in, const at::
                                               at::Tensor idx, at::Tensor dist) {
   const at::Tensor z = unit_stride_rows(z_in), cb = unit_stride_rows(cb_in);
   const int64_t N = z.size(0), K = cb.size(0), d = z.size(1);
-  const auto [splits, per] = code_splits(N, K, 64, z.get_device());
+  // (the float64 kernel: 64 x 64 tiles, planned as 2 blocks per SM)
+  const auto [splits, per] = code_splits(N, K, 64, 2, z.get_device());
   at::Tensor qn = at::empty({K}, z.options());
   at::Tensor part_val = at::empty({splits, N}, z.options());
   at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
@@ -154,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
   C10_CUDA_CHECK(cuda::launch_code_norms(mode, cb.data_ptr(), K, ld, qn.data_ptr<float>(),
                                          stream));
   const int bps = cuda::search_blocks_per_sm(mode);
-  const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, z.get_device());
+  const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, bps, z.get_device());
   const DeviceShape& dev = device_shape(z.get_device());
   const int64_t smem_budget = cuda::plan::smem_budget(dev.smem_per_sm, dev.smem_per_block_optin,
                                                       dev.smem_reserved, bps);

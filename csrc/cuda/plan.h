@@ -1,6 +1,7 @@
-// simvq-kernels: the CUDA kernels' index arithmetic as plain functions, shared by the
-// kernels (device), the launchers (host) and a CPU test (tests/test_cuda_plan.py compiles this header with
-// the host compiler): no CUDA, no torch headers here.
+// simvq-kernels: the CUDA kernels' index arithmetic and launch planning as plain
+// functions, shared by the kernels (device), the launchers (host) and a CPU test
+// (tests/test_cuda_plan.py compiles this header with the host compiler): no CUDA, no
+// torch headers here.
 //
 // - Shared-memory tile layout: a tile is 128 rows x 16 32-bit words (64 bytes of the
 //   reduction dimension per row), rows unpadded, with the 4 16-byte segments of a row
@@ -10,6 +11,7 @@
 //   by a warp hit 32 distinct banks.
 // - Fragment addresses for ldmatrix.x4 (mma.sync m16n8k16 bf16/fp16 and m16n8k8 tf32
 //   read the same words: lane l gets row l/4, word l%4 of each 8 x 4-word matrix).
+// - The search's grid: how many code splits give whole waves of blocks.
 // - The search's shared-memory plan: how much of the token tile stays resident.
 // - The backward's column-tile count.
 #pragma once
@@ -82,6 +84,66 @@ SIMVQ_HD int backward_row(int warp, int lane, int e) {
 // tid % 128 (h = tid / 128) as two 16-byte loads.
 SIMVQ_HD int bias_row(int tid) { return tid & (kRows - 1); }
 SIMVQ_HD int bias_seg(int tid, int i) { return 2 * (tid >> 7) + i; }
+
+// ---------------------------------------------------------------- search grid
+
+struct SplitPlan {
+  int64_t splits;  // blocks along the codes
+  int64_t per;     // codes per split (a multiple of the tile)
+};
+
+// A block's fixed cost (token tile load, prologue, epilogue), in units of one code tile.
+constexpr int64_t kBlockOverheadTiles = 1;
+// Split counts tried: up to about this many waves of blocks (more splits only add
+// overhead), and at least up to kMinSplitsTried (a large N can still gain from
+// evening out its last wave).
+constexpr int64_t kMaxWaves = 8;
+constexpr int64_t kMinSplitsTried = 4;
+constexpr int64_t kMaxGridY = 65535;
+
+// Estimated time of a split choice in code-tile units: blocks run in waves of `slots`
+// (all blocks of a split plan do about the same work), each wave lasting the largest
+// block's code tiles plus the fixed cost.
+SIMVQ_HD int64_t split_cost(int64_t tiles_m, int64_t tiles_k, int64_t slots, int64_t splits) {
+  const int64_t per_tiles = (tiles_k + splits - 1) / splits;
+  const int64_t used = (tiles_k + per_tiles - 1) / per_tiles;
+  const int64_t waves = (tiles_m * used + slots - 1) / slots;
+  return waves * (per_tiles + kBlockOverheadTiles);
+}
+
+// How to split K codes over blocks when N tokens make tiles_m = ceil(N / tile) token
+// tiles and the GPU runs `slots` = SMs x blocks-per-SM blocks at once: the split count
+// with the least estimated time (split_cost), the fewest blocks among equals. So the
+// grid is a whole number of waves, or close to it, whenever the work allows: e.g. on
+// 132 SMs x 2, N = 16384, K = 262144 runs 256 blocks (one wave) where ceil(264 / 128)
+// = 3 splits made 384 (1.45 waves). The result does not change what the search
+// returns (the splits merge by (value, index)).
+SIMVQ_HD SplitPlan plan_code_splits(int64_t slots, int64_t N, int64_t K, int64_t tile) {
+  const int64_t tiles_m = N > 0 ? (N + tile - 1) / tile : 1;
+  const int64_t tiles_k = (K + tile - 1) / tile;
+  if (tiles_k <= 1) return {1, tiles_k > 0 ? tiles_k * tile : tile};
+  if (slots < 1) slots = 1;
+  int64_t limit = (kMaxWaves * slots + tiles_m - 1) / tiles_m;
+  if (limit < kMinSplitsTried) limit = kMinSplitsTried;
+  if (limit > tiles_k) limit = tiles_k;
+  if (limit > kMaxGridY) limit = kMaxGridY;
+  if (limit < 1) limit = 1;
+  int64_t best_s = 1, best_cost = split_cost(tiles_m, tiles_k, slots, 1), best_blocks = tiles_m;
+  for (int64_t s = 2; s <= limit; ++s) {
+    const int64_t per_tiles = (tiles_k + s - 1) / s;
+    const int64_t used = (tiles_k + per_tiles - 1) / per_tiles;
+    if (used != s) continue;  // the same plan as a smaller s
+    const int64_t cost = split_cost(tiles_m, tiles_k, slots, s);
+    const int64_t blocks = tiles_m * s;
+    if (cost < best_cost || (cost == best_cost && blocks < best_blocks)) {
+      best_s = s;
+      best_cost = cost;
+      best_blocks = blocks;
+    }
+  }
+  const int64_t per_tiles = (tiles_k + best_s - 1) / best_s;
+  return {(tiles_k + per_tiles - 1) / per_tiles, per_tiles * tile};
+}
 
 // ---------------------------------------------------------------- search shared memory
 
