@@ -54,7 +54,8 @@ static void layout(const std::string& name) {
   } else if (name == "backward_store") {  // backward_kernel's store(): 32-bit words
     for (int w = 0; w < 8; ++w)
       for (int e = 0; e < 8; ++e) {
-        for (int l = 0; l < 32; ++l) addr[l] = word_offset(backward_row(w, l, e), backward_word(w, l));
+        for (int l = 0; l < 32; ++l)
+          addr[l] = word_offset(backward_row(w, l, e), backward_word(w, l));
         request(4, addr);
       }
   } else if (name == "bias_load") {  // backward_kernel's bias_add(): 16-byte loads

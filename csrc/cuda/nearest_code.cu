@@ -27,6 +27,7 @@ namespace kernels {
 using namespace dev;
 
 constexpr float kInf = __builtin_huge_valf();
+static_assert(plan::kStages == 2, "the search kernel double-buffers (stage = iteration & 1)");
 
 __device__ __forceinline__ bool better(float v, int32_t i, float bv, int32_t bi) {
   return v < bv || (v == bv && i < bi);

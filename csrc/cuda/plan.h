@@ -167,7 +167,8 @@ SIMVQ_HD int64_t search_smem_bytes(int64_t resident, bool stream_a) {
 // per block: everything resident when it fits, else as many chunks as fit next to the
 // 2 x 16 KiB stages (at least 0: 32 KiB, which every sm_80+ GPU has).
 SIMVQ_HD SearchSmem plan_search_smem(int64_t chunks, int64_t budget) {
-  if (search_smem_bytes(chunks, false) <= budget) return {chunks, false, search_smem_bytes(chunks, false)};
+  const int64_t whole = search_smem_bytes(chunks, false);
+  if (whole <= budget) return {chunks, false, whole};
   int64_t r = (budget - search_smem_bytes(0, true)) / kTileBytes;
   if (r < 0) r = 0;
   if (r > chunks - 1) r = chunks - 1;

@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const uint4 v = *reinterpret_cast<const uint4*>(T + plan::seg_offset(row, plan::bias_seg(tid, i)));
+      const uint32_t* at = T + plan::seg_offset(row, plan::bias_seg(tid, i));
+      const uint4 v = *reinterpret_cast<const uint4*>(at);
       s += (E::word_sum(v.x) + E::word_sum(v.y)) + (E::word_sum(v.z) + E::word_sum(v.w));
     }
     bsum += s;
