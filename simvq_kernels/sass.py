@@ -13,6 +13,9 @@ fatbinary, possibly several architectures):
   pipe, not a tensor-core op, and is not counted;
 - :func:`ptxas_info` -- registers and spill bytes reported by ``ptxas -v`` for PTX.
 
+Each kernel's row also counts its shared-memory instructions (``LDSM`` = ldmatrix,
+``LDS``/``STS`` = loads/stores, ``LDGSTS`` = cp.async), statically in the SASS.
+
 No GPU, driver or CUDA runtime is needed. Nothing here is imported by the package at
 import time.
 """
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 # Tensor-core SASS opcodes: the mnemonic up to the first '.', as it appears in cuobjdump.
 TENSOR_CORE_OPCODES = ("HGMMA", "HMMA", "IMMA", "DMMA", "QGMMA", "IGMMA", "BGMMA", "UTCHMMA",
                        "UTCQMMA", "UTCIMMA", "UTCMMA")
+# Shared-memory opcodes counted per kernel (static instruction counts in the SASS).
+SHARED_MEMORY_OPCODES = ("LDSM", "LDS", "STS", "LDGSTS")
 
 
 class ToolMissing(RuntimeError):
@@ -79,6 +84,7 @@ class KernelResources:
     local: int = 0  # local memory per thread (bytes): > 0 means spills or a stack array
     stack: int = 0
     tensor_core_ops: dict = field(default_factory=dict)  # opcode -> count
+    shared_memory_ops: dict = field(default_factory=dict)  # opcode -> count
 
 
 _ARCH_RE = re.compile(r"^\s*(?:arch = |code for )(sm_\w+)")
@@ -139,6 +145,9 @@ def _parse(text: str) -> dict:
             m = _INSTR_RE.search(line)
             if m and m.group(1) in TENSOR_CORE_OPCODES:
                 ops = sass_current.tensor_core_ops
+                ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+            elif m and m.group(1) in SHARED_MEMORY_OPCODES:
+                ops = sass_current.shared_memory_ops
                 ops[m.group(1)] = ops.get(m.group(1), 0) + 1
     # a lone cubin's resource section comes before its "code for sm_XX" line: merge the
     # 'unknown' entries into the kernel of the same name with a known architecture

@@ -2,9 +2,12 @@
 
 The extension's fatbinary is read with ``cuobjdump`` (the copy Triton ships): the
 search and backward kernels exist for sm_80 and sm_90a in every mode (bf16, fp16,
-tf32, 3xTF32) and the projection in bf16/fp16, all using the tensor cores (HMMA); the
-CUDA-core kernels (float64, the fp32 projection) exist too; no kernel has local memory
-(no spills, no stack arrays); sm_80 PTX is embedded for newer GPUs.
+tf32, 3xTF32) and the projection in bf16/fp16, all using the tensor cores (HMMA) with
+their fragments read by ldmatrix (LDSM: 6 per 16 MMAs); the bf16/fp16 kernels fit the
+register budget of 2 blocks per SM; the search keeps its tiles in dynamic shared memory
+(sized at launch); the CUDA-core kernels (float64, the fp32 projection) exist too; no
+kernel has local memory (no spills, no stack arrays); sm_80 PTX is embedded for newer
+GPUs.
 
 This test builds nothing. When the installed extension has no CUDA kernels it skips,
 saying why, unless CI is set and a CUDA toolkit and a CUDA build of torch are both
@@ -113,15 +116,22 @@ def test_tensor_core_kernel_present(kernels, arch, kernel, mode):
     r = found[0]
     hmma = r.tensor_core_ops.get("HMMA", 0)
     assert hmma > 0, f"{kernel}<{mode}> for {arch} has no HMMA: {r.tensor_core_ops}"
+    plain = hmma
     if mode == "tf32x3":  # three products per step: hi*hi + hi*lo + lo*hi
         plain = _find(kernels, arch, kernel, "tf32")[0].tensor_core_ops.get("HMMA", 0)
         assert hmma == 3 * plain, (hmma, plain)
+    # fragments by ldmatrix.x4: per k-step 4 for A (64 rows) and 2 for B (32 cols) per
+    # 4 x 4 MMAs
+    ldsm = r.shared_memory_ops.get("LDSM", 0)
+    assert ldsm > 0 and ldsm * 16 == plain * 6, (kernel, mode, arch, ldsm, plain)
     assert r.local == 0, f"{kernel}<{mode}> for {arch} uses {r.local} bytes of local memory"
     assert r.registers <= 255
     # the 16-bit modes are launched with 2 blocks of 256 threads per SM
     if mode in ("bf16", "fp16"):
         assert r.registers <= 128, r.registers
     assert r.shared <= 48 * 1024 + 1024, r.shared  # static shared memory only
+    if kernel == "search_kernel":  # its tiles are dynamic (planned per device at launch)
+        assert r.shared <= 1024, r.shared
 
 
 def test_no_kernel_uses_local_memory(kernels):

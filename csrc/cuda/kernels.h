@@ -24,6 +24,13 @@ constexpr int kTileM = 128;
 constexpr int kTileN = 128;
 constexpr int kChunkBytes = 64;
 
+// Blocks per SM the tensor-core kernels are built for (their __launch_bounds__): two for
+// bf16/fp16 (at most 128 registers), one for the tf32 modes (their fragments are
+// converted in registers). The search's grid and shared-memory plans assume these.
+constexpr int search_blocks_per_sm(Mma m) {
+  return (m == Mma::kBF16 || m == Mma::kFP16) ? 2 : 1;
+}
+
 // q[k][j] = sum_i basis[k][i] * weight[j][i] + bias[j] (fp32 accumulation, bias added in
 // fp32, one rounding to the inputs' dtype) for k < K, j < d, and 0 for d <= j < ldq.
 // basis: K x ldr, weight: d x ldr (ldr a multiple of the 64-byte chunk, zero-padded,
@@ -41,10 +48,13 @@ cudaError_t launch_code_norms(Mma mode, const void* cb, int64_t K, int64_t ld, f
 // Partial search: block (m, s) scans codes [s * codes_per_split, ...) for tokens
 // [m * kTileM, ...) and writes the best (||Q_k||^2 - 2 z.Q_k, k) per token to
 // part_val[s * N + n], part_idx[s * N + n]; ties: lowest k. z: N x ld, cb: K x ld (ld a
-// multiple of the 64-byte chunk, zero-padded; 16-byte aligned rows).
+// multiple of the 64-byte chunk, zero-padded; 16-byte aligned rows). smem_budget: the
+// dynamic shared memory a block may take (plan::smem_budget for the device and
+// search_blocks_per_sm(mode)), at least 32 KiB.
 cudaError_t launch_search(Mma mode, const void* z, const void* cb, const float* qn, int64_t N,
                           int64_t K, int64_t ld, int splits, int64_t codes_per_split,
-                          float* part_val, int32_t* part_idx, cudaStream_t stream);
+                          int64_t smem_budget, float* part_val, int32_t* part_idx,
+                          cudaStream_t stream);
 
 // Merges the splits in order (strict '<': lowest index on ties) and writes idx (int64)
 // and dist = max(0, ||z||^2 + best) (fp32). z: N x ld of the mode's element type, d
@@ -54,10 +64,11 @@ cudaError_t launch_search_finalize(Mma mode, const void* z, int64_t N, int64_t d
                                    int64_t* idx, float* dist, cudaStream_t stream);
 
 // Backward partials: block (i, j, s) forms, over tokens [s * tokens_per_split, ...),
-// part[s][i][j] = sum_n g[n][i] * X[n][j] for i < d, j <= r, where X[n][j] =
-// basis[idx[n]][j] for j < r and 1 for j == r (so column r is grad_bias).
-// g: N x d (row stride ldg), basis: K x r (row stride ldb), element type of the mode.
-// An index outside [0, K) makes its contribution NaN (no out-of-bounds read).
+// part[s][i][j] = sum_n g[n][i] * basis[idx[n]][j] for i < d, j < r, and the blocks
+// with j = 0 part[s][i][r] = sum_n g[n][i] (grad_bias); plan::backward_col_tiles(r)
+// column tiles. g: N x d (row stride ldg), basis: K x r (row stride ldb), element type
+// of the mode. An index outside [0, K) makes its contribution to every element NaN (no
+// out-of-bounds read).
 cudaError_t launch_backward_partials(Mma mode, const void* g, int64_t ldg, const void* basis,
                                      int64_t ldb, const int64_t* idx, int64_t N, int64_t K,
                                      int64_t d,

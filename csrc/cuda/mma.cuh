@@ -1,13 +1,17 @@
-// simvq-kernels: the tensor-core core shared by the search and backward kernels.
+// simvq-kernels: the tensor-core core shared by the search, projection and backward
+// kernels.
 //
-// Both kernels form C[m][n] = sum_k A[m][k] * B[n][k] for a 128 x 128 block tile with
-// 8 warps (2 along m x 4 along n, 64 x 32 outputs per warp) from shared-memory tiles
-// stored as [row][word]: 16 words (64 bytes) of the reduction dimension per row and
-// chunk, rows padded to 20 words so that the fragment loads below hit 32 distinct banks.
-// A 32-bit word holds two bf16/fp16 values (lower k in the low half) or one fp32 value.
+// They form C[m][n] = sum_k A[m][k] * B[n][k] for a 128 x 128 block tile with 8 warps
+// (2 along m x 4 along n, 64 x 32 outputs per warp) from shared-memory tiles stored as
+// [row][word]: 16 words (64 bytes) of the reduction dimension per row and chunk, rows
+// unpadded, 16-byte segments XOR-swizzled per row (plan.h: conflict-free cp.async
+// writes and ldmatrix reads). A 32-bit word holds two bf16/fp16 values (lower k in the
+// low half) or one fp32 value.
 //
-// mma.sync (sm_80+): m16n8k16 for bf16/fp16, m16n8k8 for tf32; the fragment addresses
-// of the two shapes coincide in words, so one loader serves both.
+// mma.sync (sm_80+): m16n8k16 for bf16/fp16, m16n8k8 for tf32. Fragments are read with
+// ldmatrix.x4 (6 per 16 MMAs): ldmatrix moves 32-bit words (lane l gets row l/4, word
+// l%4 of each 8 x 4-word matrix), which is the fragment layout of both shapes in words
+// (bf16: k pair 2t, 2t+1 in word t; tf32: k = t), so one loader serves both.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +19,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "plan.h"
 
 namespace simvq {
 namespace cuda {
@@ -32,11 +37,12 @@ struct tf32x3 { static constexpr Mma kMode = Mma::kTF32x3; };
 namespace dev {
 
 constexpr int kThreads = 256;
-constexpr int kWords = kChunkBytes / 4;  // 16 words of the reduction dim per row and chunk
-constexpr int kLdw = kWords + 4;         // padded row (20 words)
+constexpr int kWords = plan::kRowWords;  // 16 words of the reduction dim per row and chunk
 constexpr int kWarpM = 64, kWarpN = 32;  // outputs per warp
 constexpr int kMF = kWarpM / 16, kNF = kWarpN / 8;
-constexpr int kStageWords = kTileM * kLdw;  // one operand's tile for one chunk
+constexpr int kStageWords = plan::kTileWords;  // one operand's tile for one chunk
+static_assert(kTileM == plan::kRows && kTileN == plan::kRows, "tiles are 128 rows");
+static_assert(kChunkBytes == plan::kRowWords * 4, "a chunk is one tile row");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -53,26 +59,39 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Four 8 x 4-word matrices from shared memory; lanes 8i..8i+7 give the rows of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint32_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+}
+
 // Chunk c (64 bytes of each row) of 128 rows of `a` starting at row a0 (rows >= a_end
-// read as 0) and of 128 rows of `b` starting at b0 (rows >= b_end read as 0), into one
-// stage, as 16-byte cp.async pieces (512 per operand, 2 per thread each). Rows of
-// `row_bytes` bytes (a multiple of 64), 16-byte aligned.
+// read as 0) into the swizzled tile T, as 16-byte cp.async pieces (512, 2 per thread).
+// Rows of `row_bytes` bytes (a multiple of 64), 16-byte aligned. No commit.
+__device__ __forceinline__ void load_tile_async(uint32_t* __restrict__ T,
+                                                const uint8_t* __restrict__ a, int64_t a0,
+                                                int64_t a_end, int64_t row_bytes, int64_t c,
+                                                int tid) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int q = tid + h * kThreads, row = plan::copy_row(q), seg = plan::copy_seg(q);
+    const int64_t ar = a0 + row;
+    cp_async16(&T[plan::seg_offset(row, seg)],
+               a + (ar < a_end ? ar : 0) * row_bytes + c * kChunkBytes + seg * 16,
+               ar < a_end ? 16 : 0);
+  }
+}
+
+// Chunk c of 128 rows of `a` (from a0) and of `b` (from b0) into one stage; commits.
 __device__ __forceinline__ void load_chunk_async(uint32_t* __restrict__ As,
                                                  uint32_t* __restrict__ Bs,
                                                  const uint8_t* __restrict__ a, int64_t a0,
                                                  int64_t a_end, const uint8_t* __restrict__ b,
                                                  int64_t b0, int64_t b_end, int64_t row_bytes,
                                                  int64_t c, int tid) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int q = tid + h * kThreads, row = q >> 2, seg = q & 3;
-    const int64_t off = c * kChunkBytes + seg * 16;
-    const int64_t ar = a0 + row, br = b0 + row;
-    cp_async16(&As[row * kLdw + seg * 4], a + (ar < a_end ? ar : 0) * row_bytes + off,
-               ar < a_end ? 16 : 0);
-    cp_async16(&Bs[row * kLdw + seg * 4], b + (br < b_end ? br : 0) * row_bytes + off,
-               br < b_end ? 16 : 0);
-  }
+  load_tile_async(As, a, a0, a_end, row_bytes, c, tid);
+  load_tile_async(Bs, b, b0, b_end, row_bytes, c, tid);
   cp_async_commit();
 }
 
@@ -113,23 +132,23 @@ __device__ __forceinline__ void mma_chunk(const uint32_t* __restrict__ As,
                                           const uint32_t* __restrict__ Bs,
                                           float (&acc)[kMF][kNF][4], int wm, int wn,
                                           int lane) {
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int ks = 0; ks < kWords / 8; ++ks) {
     uint32_t a[kMF][4], b[kNF][2];
 #pragma unroll
     for (int mf = 0; mf < kMF; ++mf) {
-      const uint32_t* p = As + (wm * kWarpM + mf * 16 + g) * kLdw + ks * 8 + t;
-      a[mf][0] = p[0];
-      a[mf][1] = p[8 * kLdw];
-      a[mf][2] = p[4];
-      a[mf][3] = p[8 * kLdw + 4];
+      const int row = plan::ldsm_a_row(wm * kWarpM + mf * 16, lane);
+      ldsm_x4(a[mf], As + plan::seg_offset(row, plan::ldsm_a_seg(ks, lane)));
     }
 #pragma unroll
-    for (int nf = 0; nf < kNF; ++nf) {
-      const uint32_t* p = Bs + (wn * kWarpN + nf * 8 + g) * kLdw + ks * 8 + t;
-      b[nf][0] = p[0];
-      b[nf][1] = p[4];
+    for (int np = 0; np < kNF / 2; ++np) {
+      const int row = plan::ldsm_b_row(wn * kWarpN + np * 16, lane);
+      uint32_t r[4];
+      ldsm_x4(r, Bs + plan::seg_offset(row, plan::ldsm_b_seg(ks, lane)));
+      b[2 * np][0] = r[0];
+      b[2 * np][1] = r[1];
+      b[2 * np + 1][0] = r[2];
+      b[2 * np + 1][1] = r[3];
     }
     if constexpr (M == Mma::kBF16 || M == Mma::kFP16) {
 #pragma unroll

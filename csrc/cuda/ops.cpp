@@ -10,11 +10,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <atomic>
 #include <limits>
+#include <mutex>
 
 #include "../simvq.h"
 #include "kernels.h"
+#include "plan.h"
 
 namespace simvq {
 namespace {
@@ -56,17 +57,31 @@ at::Tensor chunk_rows(const at::Tensor& x) {
   return out;
 }
 
-// The device's SM count, asked once per device (a cached int: nothing is called while
-// a CUDA graph is being captured after the first use).
-int multiprocessor_count(int device) {
-  static std::atomic<int> cache[kMaxDevices] = {};
+// What the launch plans need to know of a device, asked once per device (cached ints:
+// nothing is called while a CUDA graph is being captured after the first use).
+struct DeviceShape {
+  int sms = 0;
+  int smem_per_sm = 0;          // bytes of shared memory per SM
+  int smem_per_block_optin = 0;  // the most one block may have (opted in)
+  int smem_reserved = 0;        // bytes the system reserves per block
+};
+
+const DeviceShape& device_shape(int device) {
+  static DeviceShape cache[kMaxDevices] = {};
+  static std::once_flag once[kMaxDevices];
   SIMVQ_CHECK(device >= 0 && device < kMaxDevices, "unexpected CUDA device index ", device);
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
+  std::call_once(once[device], [device] {  // (an exception leaves it to the next call)
+    DeviceShape s;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_per_sm,
+                                          cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_per_block_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.smem_reserved,
+                                          cudaDevAttrReservedSharedMemoryPerBlock, device));
+    cache[device] = s;
+  });
+  return cache[device];
 }
 
 void check_cuda(const at::Tensor& x, const char* name) {
@@ -80,17 +95,14 @@ void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
               "`codebook` has K=", codebook.size(0), " codes; at most 2^31 - 129 are supported");
 }
 
-// Splits of the code range so that about two blocks per SM run when the token tiles
-// alone do not fill the GPU (the result does not depend on the split): (splits, codes
-// per split, a multiple of `tile`).
-std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int device) {
-  const int64_t tiles_m = (N + tile - 1) / tile;
-  const int64_t tiles_k = (K + tile - 1) / tile;
-  const int64_t target = 2 * int64_t(multiprocessor_count(device));
-  int64_t splits = std::min<int64_t>(tiles_k, std::max<int64_t>(1, (target + tiles_m - 1) / tiles_m));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t per = (tiles_k + splits - 1) / splits * tile;
-  return {(K + per - 1) / per, per};
+// Splits of the code range so that the grid is a whole number of waves, or close
+// (plan::plan_code_splits; the result does not depend on the split): (splits, codes
+// per split, a multiple of `tile`), for a kernel that runs `blocks_per_sm` blocks per SM.
+std::pair<int64_t, int64_t> code_splits(int64_t N, int64_t K, int64_t tile, int blocks_per_sm,
+                                        int device) {
+  const int64_t slots = int64_t(device_shape(device).sms) * blocks_per_sm;
+  const cuda::plan::SplitPlan p = cuda::plan::plan_code_splits(slots, N, K, tile);
+  return {p.splits, p.per};
 }
 
 // Row-major rows with unit column stride (a copy only when needed).
@@ -102,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> search_f64(const at::Tensor& z_in, const at::
                                               at::Tensor idx, at::Tensor dist) {
   const at::Tensor z = unit_stride_rows(z_in), cb = unit_stride_rows(cb_in);
   const int64_t N = z.size(0), K = cb.size(0), d = z.size(1);
-  const auto [splits, per] = code_splits(N, K, 64, z.get_device());
+  // (the float64 kernel: 64 x 64 tiles, planned as 2 blocks per SM)
+  const auto [splits, per] = code_splits(N, K, 64, 2, z.get_device());
   at::Tensor qn = at::empty({K}, z.options());
   at::Tensor part_val = at::empty({splits, N}, z.options());
   at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
@@ -138,12 +151,16 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& z_in, const at::Tens
   at::Tensor qn = at::empty({K}, z.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::launch_code_norms(mode, cb.data_ptr(), K, ld, qn.data_ptr<float>(),
                                          stream));
-  const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, z.get_device());
+  const int bps = cuda::search_blocks_per_sm(mode);
+  const auto [splits, codes_per_split] = code_splits(N, K, cuda::kTileM, bps, z.get_device());
+  const DeviceShape& dev = device_shape(z.get_device());
+  const int64_t smem_budget = cuda::plan::smem_budget(dev.smem_per_sm, dev.smem_per_block_optin,
+                                                      dev.smem_reserved, bps);
 
   at::Tensor part_val = at::empty({splits, N}, z.options().dtype(at::kFloat));
   at::Tensor part_idx = at::empty({splits, N}, z.options().dtype(at::kInt));
   C10_CUDA_CHECK(cuda::launch_search(mode, z.data_ptr(), cb.data_ptr(), qn.data_ptr<float>(), N,
-                                     K, ld, int(splits), codes_per_split,
+                                     K, ld, int(splits), codes_per_split, smem_budget,
                                      part_val.data_ptr<float>(), part_idx.data_ptr<int32_t>(),
                                      stream));
   C10_CUDA_CHECK(cuda::launch_search_finalize(mode, z.data_ptr(), N, d, ld, int(splits),
@@ -271,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   // Tokens are split over blocks so that about 256 blocks run; a function of the shape
   // only (the partials are added in split order), and at most 256 MiB of partials.
   const int64_t tok = cuda::kChunkBytes / int64_t(g.element_size()) * 8;  // >= 8 chunks
-  const int64_t tiles = ((d + cuda::kTileM - 1) / cuda::kTileM) *
-                        ((r + 1 + cuda::kTileN - 1) / cuda::kTileN);
+  const int64_t tiles =
+      ((d + cuda::kTileM - 1) / cuda::kTileM) * cuda::plan::backward_col_tiles(r);
   int64_t splits = std::max<int64_t>(1, (256 + tiles - 1) / tiles);
   splits = std::min<int64_t>(splits, (N + tok - 1) / tok);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (int64_t(1) << 26) / (d * (r + 1))));

@@ -1,13 +1,15 @@
 // simvq-kernels: SimVQ backward on CUDA tensor cores (sm_80+, mma.sync).
 //
-// grad_weight = g^T B[idx] (d x r) and grad_bias = sum_n g_n as one gather-GEMM: the
-// gathered basis rows get an extra column of ones, so column r of the product is
-// grad_bias. Block (i, j, s) forms a 128 x 128 tile of the (d, r + 1) product over the
-// tokens of split s (reduction over tokens, 64 bytes of them per chunk), staging the
-// transposed tiles through registers (tokens become the contiguous dimension) into
-// double-buffered shared memory; each split writes its fp32 partial and a second kernel
-// adds the partials in split order in double. No K x d buffer, no atomics: reruns are
-// bit-identical.
+// grad_weight = g^T B[idx] (d x r) as a gather-GEMM, and grad_bias = sum_n g_n as a
+// column sum of the same g tiles. Block (i, j, s) forms a 128 x 128 tile of the (d, r)
+// product over the tokens of split s (reduction over tokens, 64 bytes of them per
+// chunk), staging the transposed tiles through registers (tokens become the contiguous
+// dimension) into double-buffered, swizzled shared memory (conflict-free stores, see
+// plan.h), fragments read by ldmatrix; the blocks with j = 0 also sum their g tile's rows
+// (grad_bias for rows i) from shared memory, so r = 128 needs one column tile, not two.
+// Each split writes its fp32 partial (d x (r + 1), column r = grad_bias) and a second
+// kernel adds the partials in split order in double. No K x d buffer, no atomics: reruns
+// are bit-identical.
 #include <cmath>
 
 #include <cuda_bf16.h>
@@ -21,24 +23,32 @@ namespace kernels {
 
 using namespace dev;
 
-// Element bits and the bits of 1.0 per mode.
+// Element bits per mode, a NaN's bits, and the sum of the values in a word (fp32).
 template <Mma M>
 struct Elem {
   using bits = uint16_t;
-  static constexpr uint32_t one = 0x3F80u;  // bf16 1.0
+  static constexpr uint32_t nan = 0x7FFFu;  // bf16 NaN
   static constexpr int per_word = 2;
+  static __device__ __forceinline__ float word_sum(uint32_t w) {
+    return __uint_as_float(w << 16) + __uint_as_float(w & 0xFFFF0000u);
+  }
 };
 template <>
 struct Elem<Mma::kFP16> {
   using bits = uint16_t;
-  static constexpr uint32_t one = 0x3C00u;  // fp16 1.0
+  static constexpr uint32_t nan = 0x7FFFu;  // fp16 NaN
   static constexpr int per_word = 2;
+  static __device__ __forceinline__ float word_sum(uint32_t w) {
+    return __half2float(__ushort_as_half(uint16_t(w))) +
+           __half2float(__ushort_as_half(uint16_t(w >> 16)));
+  }
 };
 template <>
 struct Elem<Mma::kTF32> {
   using bits = uint32_t;
-  static constexpr uint32_t one = 0x3F800000u;  // fp32 1.0
+  static constexpr uint32_t nan = 0x7FFFFFFFu;  // fp32 NaN
   static constexpr int per_word = 1;
+  static __device__ __forceinline__ float word_sum(uint32_t w) { return __uint_as_float(w); }
 };
 template <>
 struct Elem<Mma::kTF32x3> : Elem<Mma::kTF32> {};
@@ -65,10 +75,12 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   const int64_t nbeg = int64_t(blockIdx.z) * tokens_per_split;
   const int64_t nend = nbeg + tokens_per_split < N ? nbeg + tokens_per_split : N;
   const int64_t nchunks = nend > nbeg ? (nend - nbeg + kTok - 1) / kTok : 0;
+  const bool bias_block = blockIdx.y == 0;  // also sums g over the tokens (grad_bias)
 
-  // thread -> (word p of the chunk, tile rows cl + 16 e): global reads along a row are
-  // spread over 16 consecutive lanes
-  const int cl = tid & 15, p = tid >> 4;
+  // thread -> word p of the chunk (tokens p * P ..), tile rows cl + 16 e (plan.h): a
+  // global read covers 8 consecutive elements of 4 token rows; a shared store, 8
+  // consecutive rows x 4 words (32 distinct banks)
+  const int p = plan::backward_word(warp, lane), cl = plan::backward_row(warp, lane, 0);
   uint32_t wa[8], wb[8];
 
   auto load = [&](int64_t c) {
@@ -84,13 +96,13 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
         const bits_t* br = basis + (ok ? k : 0) * ldb;
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
+          // an index out of range makes the token's g and basis row NaN, so that dW
+          // and db get NaN (never a wrong finite value); the basis is not read for it
+          // (with K = 0 there is no row 0 to read)
           const int64_t i = i0 + cl + 16 * e;
-          const uint32_t x = i < d ? uint32_t(gr[i]) : 0u;
+          const uint32_t x = !ok ? E::nan : (i < d ? uint32_t(gr[i]) : 0u);
           const int64_t j = j0 + cl + 16 * e;
-          // an index out of range makes the gradient NaN (never a wrong finite value); the
-          // basis is not read for it (with K = 0 there is no row 0 to read)
-          const uint32_t y = !ok ? (P == 2 ? 0x7FFFu : 0x7FFFFFFFu)
-                                 : (j < r ? uint32_t(br[j]) : (j == r ? E::one : 0u));
+          const uint32_t y = !ok ? E::nan : (j < r ? uint32_t(br[j]) : 0u);
           wa[e] |= x << (16 * q);
           wb[e] |= y << (16 * q);
         }
@@ -100,9 +112,23 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   auto store = [&](int stage) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      As[stage][(cl + 16 * e) * kLdw + p] = wa[e];
-      Bs[stage][(cl + 16 * e) * kLdw + p] = wb[e];
+      const int at = plan::word_offset(plan::backward_row(warp, lane, e), p);
+      As[stage][at] = wa[e];
+      Bs[stage][at] = wb[e];
     }
+  };
+  // grad_bias: row bias_row(tid) of the g tile, half of its 16 words (fixed order)
+  float bsum = 0.f;
+  auto bias_add = [&](const uint32_t* T) {
+    const int row = plan::bias_row(tid);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t* at = T + plan::seg_offset(row, plan::bias_seg(tid, i));
+      const uint4 v = *reinterpret_cast<const uint4*>(at);
+      s += (E::word_sum(v.x) + E::word_sum(v.y)) + (E::word_sum(v.z) + E::word_sum(v.w));
+    }
+    bsum += s;
   };
 
   float acc[kMF][kNF][4];
@@ -121,6 +147,7 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
   for (int64_t c = 0; c < nchunks; ++c) {
     if (c + 1 < nchunks) load(c + 1);  // global loads in flight during the products
     mma_chunk<M>(As[c & 1], Bs[c & 1], acc, wm, wn, lane);
+    if (bias_block) bias_add(As[c & 1]);
     if (c + 1 < nchunks) store(int((c + 1) & 1));
     __syncthreads();
   }
@@ -135,8 +162,15 @@ __global__ void __launch_bounds__(kThreads, (Mode::kMode == Mma::kBF16 || Mode::
       for (int e = 0; e < 4; ++e) {
         const int64_t i = i0 + wm * kWarpM + mf * 16 + gq + 8 * (e >> 1);
         const int64_t j = j0 + wn * kWarpN + nf * 8 + 2 * t + (e & 1);
-        if (i < d && j <= r) out[i * (r + 1) + j] = acc[mf][nf][e];
+        if (i < d && j < r) out[i * (r + 1) + j] = acc[mf][nf][e];
       }
+  if (bias_block) {  // column r: the two halves of each row, in order
+    float* red = reinterpret_cast<float*>(&As[0][0]);  // [2][128] (free after the loop)
+    red[tid] = bsum;
+    __syncthreads();
+    const int64_t i = i0 + tid;
+    if (tid < kTileM && i < d) out[i * (r + 1) + r] = red[tid] + red[tid + kTileM];
+  }
 }
 
 template <typename T>
@@ -178,7 +212,7 @@ cudaError_t launch_backward_partials(Mma mode, const void* g, int64_t ldg, const
                                      int64_t d, int64_t r, int splits, int64_t tokens_per_split,
                                      float* part, cudaStream_t stream) {
   if (d == 0) return cudaSuccess;
-  const dim3 grid(unsigned((d + kTileM - 1) / kTileM), unsigned((r + 1 + kTileN - 1) / kTileN),
+  const dim3 grid(unsigned((d + kTileM - 1) / kTileM), unsigned(plan::backward_col_tiles(r)),
                   unsigned(splits));
   switch (mode) {
     case Mma::kBF16:

@@ -75,11 +75,16 @@ class CompiledBackend(Backend):
         return f"the extension has no {self.dispatch_key} kernels"
 
     def nearest_code(self, z, codebook, duplicate_map=None):
-        # the kernels keep their own O(K) duplicate table; the map is not needed
+        # the map is not needed: the CPU kernels map each pick to the lowest bitwise-
+        # identical row themselves (a hash pass over the rows, since a BLAS product may
+        # round duplicates differently); the CUDA kernels form every code's value with the
+        # same instructions in the same order, so duplicates tie exactly and the strict
+        # '<' in code order keeps the lowest index, with no table at all
         return torch.ops.simvq.nearest_code(z, codebook)
 
     def quantize(self, z, basis, weight, bias, duplicate_map=None):
-        # the kernels keep their own O(K) duplicate table; the map is not needed
+        # the map is not needed, as in nearest_code (identical basis rows: the CPU kernel
+        # remaps to the first of them; the CUDA projection rounds them identically)
         return torch.ops.simvq.quantize(z, basis, weight, bias)
 
     def quantize_backward(self, grad_zq, basis, indices, weight):
