@@ -352,13 +352,16 @@ inline void update_best(const RowArgminF32&, const double* c, const double* qn, 
 // element read was written first (by the tile's gemm, or by pack_token_tile).
 template <typename T, int Slot = 0>
 T* thread_buffer(int64_t elems) {
+  // 64-byte aligned, so that vector loads of whole rows never split across cache lines
+  constexpr int64_t kAlign = 64 / sizeof(T);
   thread_local std::unique_ptr<T[]> buf;
   thread_local int64_t size = 0;
   if (size < elems) {
-    buf.reset(new T[elems]);
+    buf.reset(new T[elems + kAlign]);
     size = elems;
   }
-  return buf.get();
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.get());
+  return reinterpret_cast<T*>((addr + 63) & ~std::uintptr_t(63));
 }
 template <typename T>
 T* thread_tile(int64_t elems) {
@@ -692,10 +695,15 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
   const int mr = wide ? kMr512 : kMr256, nr = wide ? kNr512 : kNr256;
   auto* scan = wide ? block_scan_avx512 : block_scan_avx2;
   const int64_t panels = (K + nr - 1) / nr;
-  std::vector<float> codes(panels * nr * d), norms(panels * nr);
+  // 64-byte aligned (torch's CPU allocator): every panel row is whole cache lines, so
+  // no vector load of the codes splits across two (a std::vector's 16-byte alignment
+  // made every AVX-512 load of the stream a split load)
+  at::Tensor packed = at::empty({panels * nr * d + panels * nr}, at::kFloat);
+  float* codes = packed.data_ptr<float>();
+  float* norms = codes + panels * nr * d;
   at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
     pack_code_tile(q, qn, d, p0 * nr, std::min(K, p1 * nr) - p0 * nr, nr,
-                   codes.data() + p0 * nr * d, norms.data() + p0 * nr);
+                   codes + p0 * nr * d, norms + p0 * nr);
   });
   // an automatic token tile is rounded up to whole blocks
   const int64_t tile_n = cfg.tile_from == "auto" ? (cfg.tile_n + mr - 1) / mr * mr : cfg.tile_n;
@@ -723,8 +731,8 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
       const int64_t blocks = (bn + mr - 1) / mr;
       for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
         const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
-        const float* tile_codes = codes.data() + k0 * d;
-        const float* tile_norms = norms.data() + k0;
+        const float* tile_codes = codes + k0 * d;
+        const float* tile_norms = norms + k0;
         for (int64_t b = 0; b < blocks; ++b) {
           const int rows = int(std::min<int64_t>(mr, bn - b * mr));
           scan(tokens + b * mr * d, tile_codes, tile_norms, d, tp, k0, rows, val + b * mr,
