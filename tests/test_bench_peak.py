@@ -55,6 +55,25 @@ def test_best_isa_and_the_kernel_cap():
 
 
 @needs_probe
+def test_the_kernel_isa_limits_the_peak_compared_with():
+    """SIMVQ_CPU_ISA=avx2 (here set_cpu_kernel_config, the same setting) on a CPU with
+    AVX-512 stands in for an AVX2 CPU: the rows are judged against the AVX2 peak."""
+    import json
+
+    before = json.loads(torch.ops.simvq.cpu_kernel_config())
+    if "avx2" not in peak.isas():
+        pytest.skip("this CPU does not run AVX2")
+    try:
+        torch.ops.simvq.set_cpu_kernel_config("avx2", None, None)
+        assert peak.kernel_isa_cap() == "avx2"
+        torch.ops.simvq.set_cpu_kernel_config("auto", None, None)
+        assert peak.kernel_isa_cap() is None
+    finally:
+        torch.ops.simvq.set_cpu_kernel_config(
+            before["isa"] if before["isa_from"] != "native" else "auto", None, None)
+
+
+@needs_probe
 def test_info_prints_the_peak(capsys):
     from simvq_kernels import info
 

@@ -45,7 +45,8 @@ def _run_case_in_child(spec: dict) -> dict:
             return {"status": "skipped", "reason": why}
         with ForeignCPU() as foreign:
             peaks = peak.measure()
-        return {"status": "ok", "peaks": peaks, "foreign_cores": foreign.cores}
+        return {"status": "ok", "peaks": peaks, "threads": torch.get_num_threads(),
+                "foreign_cores": foreign.cores}
     if spec["op"] == "sweep":  # the GPU acceptance's accuracy sweep of one backend
         from .gpu import sweep_in_child
 

@@ -77,7 +77,7 @@ def peak_line(result: BenchResult, markdown: bool = False) -> str:
     with; '' when it was not measured (no CPU rows, or no extension)."""
     if not result.peaks:
         return ""
-    threads = result.machine.get("torch threads", "all")
+    threads = result.peak_threads or result.machine.get("torch threads", "all")
     per_isa = ", ".join(f"{isa} {g:.1f}" for isa, g in result.peaks.items())
     b = "**" if markdown else ""
     text = (f"FMA peak (fp32, measured on all {threads} threads, 12 independent FMA chains "

@@ -116,6 +116,7 @@ class BenchResult:
     peaks: dict = field(default_factory=dict)
     peak_isa: Optional[str] = None
     peak_cap: Optional[str] = None  # the kernel's ISA when set by SIMVQ_CPU_ISA, else None
+    peak_threads: Optional[int] = None  # the threads the peak was measured on
 
     @property
     def peak(self) -> Optional[float]:
@@ -125,8 +126,6 @@ class BenchResult:
     @property
     def machine_peak_isa(self) -> Optional[str]:
         """The ISA with the machine's highest FMA peak (no limit applied)."""
-        from .. import peak
-
         return peak.best(self.peaks)
 
     def __post_init__(self):
@@ -238,6 +237,8 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
             bar.update(1)
         return got
 
+    peak_threads = []
+
     def measure_peaks(when):
         """The FMA peak per ISA, in a child process like the ceilings."""
         if not measure_peak:
@@ -255,6 +256,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         if (out.get("foreign_cores") or 0.0) > CONTENTION_CORES:
             notes.append(f"FMA peak ({when}): contended: other processes used "
                          f"{out['foreign_cores']:.2f} cores while timing")
+        peak_threads.append(out["threads"])
         return out["peaks"]
 
     peer_envs, peer_blas_seen = {}, {}
@@ -368,7 +370,8 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         " / ".join(f"{x:.2f}" for x in load_start) + ", "
         + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
     return BenchResult(preset, str(device), rows, ceilings, machine, notes, fused, sweep,
-                       peaks=peaks, peak_isa=peak_isa, peak_cap=peak_cap)
+                       peaks=peaks, peak_isa=peak_isa, peak_cap=peak_cap,
+                       peak_threads=peak_threads[0] if peak_threads else None)
 
 
 def _fill_ratios(rows):
