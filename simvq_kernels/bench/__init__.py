@@ -25,8 +25,9 @@ Ops
     'layer fwd+bwd channel-first': the same with ``channel_first=True`` on the same
     tokens laid out as (N/256, d, 16, 16) images (indices and dz are read back in token
     order for the checks). GFLOP/s always counts the search, 2*N*K*d, so that rows
-    compare. Layer, encode and eval rows of the backends are also timed alternately with
-    the bare search on the same inputs (their time over the search's).
+    compare. Encode and eval rows of the backends, and layer rows of the fused backends,
+    are also timed alternately with the bare search on the same inputs (their time over
+    the search's).
 
 Method
     - Each (provider, shape, op) runs in its own child process (a fork of a forkserver

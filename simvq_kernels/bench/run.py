@@ -22,8 +22,11 @@ from .providers import (BACKEND_NAMES, PAIRED_PROVIDERS, PEER_NAMES, PROVIDERS,
                         select_providers, skip_reason)
 from .timing import CONTENTION_CORES, QuietGate, ceiling_key, ceiling_label
 
-# ops whose rows are also timed alternately with the bare search on the same inputs
-PAIRED_SEARCH_OPS = ("encode", "eval", "layer", "layer_cf")
+# rows also timed alternately with the bare search on the same inputs: encode and eval
+# rows of every backend, layer rows of the fused backends (the training step's target;
+# the reference layer's ratio would cost a minute of a core run and judge nothing)
+PAIRED_SEARCH_OPS = ("encode", "eval")
+PAIRED_LAYER_OPS = ("layer", "layer_cf")
 
 
 @dataclass
@@ -302,7 +305,9 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                         paired_peak=(pair_isa if case.op == "fwd" and p in PAIRED_PROVIDERS
                                      and device.type == "cpu" else None),
                         paired_search=(case.op in PAIRED_SEARCH_OPS
-                                       and PROVIDERS[p].kind == "backend"),
+                                       and PROVIDERS[p].kind == "backend"
+                                       or case.op in PAIRED_LAYER_OPS
+                                       and p in FUSED_BACKENDS),
                         peer_env=peer_envs.get(p))
             out = run_measured(spec, timeout(), gate, contention_retries)
             if out.get("blas") is not None:
