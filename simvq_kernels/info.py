@@ -33,6 +33,39 @@ def cpu_kernel_config() -> dict | None:
     return json.loads(torch.ops.simvq.cpu_kernel_config())
 
 
+FMA_PEAK_CALLS = 5  # info's quick peak: the best of this many calls of FMA_PEAK_CALL_S
+FMA_PEAK_CALL_S = 0.02
+
+
+def fma_peak_now() -> dict:
+    """The machine's fp32 FMA peak per ISA the CPU runs, measured now on all intra-op
+    threads (simvq_kernels.peak; well under a second): {"peaks": {isa: GFLOP/s}, "best":
+    isa, "threads": n}, or {"error": why} (no extension, an older build, a failure)."""
+    try:
+        import torch
+
+        from . import peak
+
+        why = peak.unavailable()
+        if why is not None:
+            return {"error": why}
+        peaks = peak.measure(min_seconds=0.0, call_seconds=FMA_PEAK_CALL_S,
+                             min_calls=FMA_PEAK_CALLS)
+        return {"peaks": peaks, "best": peak.best(peaks), "threads": torch.get_num_threads()}
+    except Exception as e:  # noqa: BLE001  (info reports problems, it does not fail)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def format_fma_peak(p: dict) -> str:
+    """One line for :func:`fma_peak_now`'s result."""
+    if "error" in p:
+        return f"not measured: {p['error']}"
+    per_isa = ", ".join(f"{isa} {g:.1f}" for isa, g in p["peaks"].items())
+    return (f"{per_isa} GFLOP/s fp32, measured now on all {p['threads']} threads (best of "
+            f"{FMA_PEAK_CALLS} calls of {FMA_PEAK_CALL_S * 1e3:g} ms, 12 independent FMA "
+            f"chains per thread); the peak: {p['best']}'s {p['peaks'][p['best']]:.1f}")
+
+
 def collect() -> dict:
     import torch
 
@@ -112,6 +145,7 @@ def main() -> int:
         kib = (lambda b: f"{b // 1024} KiB" if b else "unknown")
         print(f"  {'caches':<10} L1d {kib(c['l1d_bytes'])}, L2 {kib(c['l2_bytes'])}, "
               f"L3 {kib(c['l3_bytes'])} per instance (from {c['caches_from']})")
+    print(f"  {'fma peak':<10} {format_fma_peak(fma_peak_now())}")
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from simvq_kernels import bench
+from simvq_kernels import bench, peak
 
 
 def test_tiny_preset_end_to_end(tmp_path):
@@ -29,7 +29,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     ran = [r for r in rows if r["status"] == "ok"]
     providers = {r["provider"] for r in ran}
     assert {"reference", "chunked", "cdist"} <= providers
-    assert {r["op"] for r in ran} == {"fwd", "layer fwd+bwd"}
+    assert {r["op"] for r in ran} <= {"fwd", "layer fwd+bwd", "layer fwd+bwd channel-first"}
+    assert {"fwd", "layer fwd+bwd"} <= {r["op"] for r in ran}
     for r in ran:
         assert r["check"] == "pass", r
         assert int(r["runs"]) == 3
@@ -37,7 +38,26 @@ def test_tiny_preset_end_to_end(tmp_path):
         assert float(r["peak_mib"]) >= 0
     ref = [r for r in ran if r["provider"] == "reference"]
     assert all(abs(float(r["vs_reference"]) - 1) < 1e-9 for r in ref)
-    assert "| provider |" in out_md.read_text()
+    md = out_md.read_text()
+    assert "| provider |" in md and "% peak" in out and "| % peak |" in md
+    if peak.unavailable() is None:  # the physical limit: every CPU row gets a % of it
+        assert "FMA peak (fp32, measured on all" in out and "% peak is against" in out
+        assert "% peak is against" in md
+        for r in ran:
+            assert float(r["peak_gflops"]) > 0 and r["peak_isa"] in peak.ISAS, r
+            assert 0 < float(r["frac_peak"]) < 1.5, r
+            paired = r["op"] == "fwd" and r["provider"] in ("cpu", "faiss")
+            assert r["frac_peak_method"] == ("paired" if paired else "run peak"), r
+        assert "% of the physical FMA peak at 512x256x16" in out
+        assert "faiss-cpu at 512x256x16" in out or "faiss" not in {r["provider"] for r in ran}
+    if "cpu" in providers:  # the training step over the bare search, channel-first too
+        assert "fused layer fwd+bwd / the forward search alone at 512x256x16" in out
+        cf = [r for r in ran if r["op"] == "layer fwd+bwd channel-first"]
+        assert {r["provider"] for r in cf} == {"reference", "cpu"}
+        assert "fused layer fwd+bwd channel-first / the forward search alone" in out
+        layer = [r for r in ran if r["op"].startswith("layer")]
+        assert all(float(r["vs_search_paired"]) > 0 for r in layer if r["provider"] == "cpu")
+        assert all(r["vs_search_paired"] == "" for r in layer if r["provider"] != "cpu")
 
 
 def test_list_presets(capsys):
@@ -159,7 +179,7 @@ def test_deadline_skips_rows_but_still_reports(capsys):
                        "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.count("skipped: --deadline reached") == 2  # fwd and layer
+    assert out.count("skipped: --deadline reached") == 3  # fwd, layer, layer channel-first
     assert "not measured (--deadline reached)" in out
 
 

@@ -21,8 +21,13 @@ Providers
 Ops
     'fwd': the nearest-code search given the projected codebook Q (K, d)
     (``sk.nearest_code`` for the backends). 'layer fwd+bwd': a SimVQ layer forward plus
-    the backward of ``loss + sum(out * g)`` for a fixed random upstream gradient g.
-    GFLOP/s always counts the search, 2*N*K*d, so that rows compare.
+    the backward of ``loss + sum(out * g)`` for a fixed random upstream gradient g;
+    'layer fwd+bwd channel-first': the same with ``channel_first=True`` on the same
+    tokens laid out as (N/256, d, 16, 16) images (indices and dz are read back in token
+    order for the checks). GFLOP/s always counts the search, 2*N*K*d, so that rows
+    compare. Encode and eval rows of the backends, and layer rows of the fused backends,
+    are also timed alternately with the bare search on the same inputs (their time over
+    the search's).
 
 Method
     - Each (provider, shape, op) runs in its own child process (a fork of a forkserver
@@ -53,6 +58,13 @@ Method
     - Ceiling: torch.mm of a cache-resident 1024 x d by d x 1024 tile into a
       preallocated output (8192 x d x 8192 on CUDA), as GFLOP/s per d, measured at the
       start and at the end of the run; the higher of the two is the limit used.
+    - FMA peak (CPU): the machine's physical fp32 limit, the extension's probe
+      ``torch.ops.simvq.fma_peak`` (12 independent FMA chains per thread on all threads)
+      per vector ISA the CPU runs, measured like the ceiling (start and end, the higher
+      kept); the best ISA's is the peak (the best up to SIMVQ_CPU_ISA where that limits
+      the kernel). Forward rows of the paired providers get their fraction of it
+      measured side by side (the op and an equally long batch of probe calls timed
+      alternately, median of the per-pair ratios); other CPU rows GFLOP/s over the peak.
     - Providers that build the N x K matrix (reference, cdist, vq-pytorch) are skipped
       when 3*N*K*4 bytes exceed 40% of the RAM (device memory on CUDA); a provider
       whose warm-up run makes ``--repeat`` runs exceed ``--case-budget`` seconds gets
@@ -81,7 +93,8 @@ from .reports import (COLUMNS, CSV_FIELDS, format_markdown, format_report, forma
                       list_presets, write_csv, write_plot)
 from .run import BenchResult, Row, run_benchmark
 from .targets import evaluate_targets
-from .timing import _sync, ceiling_gflops, ceiling_tile, paired_ceiling_fraction, time_runs
+from .timing import (_sync, ceiling_gflops, ceiling_tile, paired_ceiling_fraction,
+                     paired_fraction, paired_peak_fraction, time_runs)
 
 
 __all__ = [
@@ -140,6 +153,8 @@ __all__ = [
     "ceiling_gflops",
     "ceiling_tile",
     "paired_ceiling_fraction",
+    "paired_fraction",
+    "paired_peak_fraction",
     "time_runs",
     "main",
 ]

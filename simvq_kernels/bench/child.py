@@ -19,7 +19,8 @@ from .memory import PeakMemory
 from .presets import MODES, Shape
 from .providers import PROVIDERS, NotAvailable, build_runner
 from .timing import (CONTENTION_CORES, MAX_RUNS, ForeignCPU, QuietGate, _sync,
-                     ceiling_gflops, paired_ceiling_fraction, paired_ratio, time_runs)
+                     ceiling_gflops, paired_ceiling_fraction, paired_peak_fraction,
+                     paired_ratio, time_runs)
 
 
 def _run_case_in_child(spec: dict) -> dict:
@@ -36,6 +37,16 @@ def _run_case_in_child(spec: dict) -> dict:
         with ForeignCPU() as foreign:
             gflops = ceiling_gflops(spec["d"], device, mode)
         return {"status": "ok", "gflops": gflops, "foreign_cores": foreign.cores}
+    if spec["op"] == "peak":  # the machine's FMA peak per ISA (simvq_kernels.peak)
+        from .. import peak
+
+        why = peak.unavailable()
+        if why is not None:
+            return {"status": "skipped", "reason": why}
+        with ForeignCPU() as foreign:
+            peaks = peak.measure()
+        return {"status": "ok", "peaks": peaks, "threads": torch.get_num_threads(),
+                "foreign_cores": foreign.cores}
     if spec["op"] == "sweep":  # the GPU acceptance's accuracy sweep of one backend
         from .gpu import sweep_in_child
 
@@ -83,8 +94,14 @@ def _run_case_in_child(spec: dict) -> dict:
     if spec.get("paired_ceiling"):
         paired = paired_ceiling_fraction(runner.run, shape, device, statistics.median(times),
                                          budget=spec["case_budget"] / 4)
+    paired_peak = None
+    if spec.get("paired_peak"):  # the same, against the machine's FMA peak in that ISA
+        paired_peak = paired_peak_fraction(runner.run, shape, device,
+                                           statistics.median(times),
+                                           budget=spec["case_budget"] / 4,
+                                           isa=spec["paired_peak"])
     vs_search = None
-    if spec.get("paired_search"):  # serving rows: time / the bare search's, side by side
+    if spec.get("paired_search"):  # serving and layer rows: time / the bare search's
         search = build_runner(provider, "fwd", inp)
         vs_search = paired_ratio(runner.run, search.run, device,
                                  budget=spec["case_budget"] / 4)
@@ -92,6 +109,7 @@ def _run_case_in_child(spec: dict) -> dict:
             "vs_search": vs_search,
             "mem_method": mem.method, "check": check.label, "check_detail": check.detail,
             "note": note, "foreign_cores": foreign.cores, "paired_frac": paired,
+            "paired_peak": paired_peak,
             "blas": blas_libraries(blas_of) if blas_of else None}
 
 

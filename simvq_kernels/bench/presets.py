@@ -30,9 +30,12 @@ class Shape:
 
 
 # 'fwd': the search given the projected codebook; 'layer': a SimVQ layer's forward and
-# backward (a training step without the optimizer); 'eval': the layer's forward in eval
-# mode under no_grad; 'encode': ``layer.encode(z)`` (indices only, cached codebook).
-OPS = {"fwd": "fwd", "layer": "layer fwd+bwd", "eval": "eval fwd", "encode": "encode"}
+# backward (a training step without the optimizer); 'layer_cf': the same with
+# channel_first=True on the same tokens laid out as (N/256, d, 16, 16) images; 'eval':
+# the layer's forward in eval mode under no_grad; 'encode': ``layer.encode(z)`` (indices
+# only, cached codebook).
+OPS = {"fwd": "fwd", "layer": "layer fwd+bwd", "layer_cf": "layer fwd+bwd channel-first",
+       "eval": "eval fwd", "encode": "encode"}
 
 # Precision modes: (dtype, float32 matmul precision). 'fp32' is exact fp32 products
 # (the default everywhere); 'tf32' float32 inputs with tensor-core tf32 products (CUDA);
@@ -88,6 +91,16 @@ def _fwd_and_layer(shapes, layer_shapes=None):
     return tuple([Case(s, "fwd") for s in shapes] + [Case(s, "layer") for s in layer_shapes])
 
 
+# The training step's target shapes (layer fwd+bwd <= 1.2x the bare search, channel-last
+# and channel-first): the fused CPU backend, and the reference so that 'x ref' exists.
+TRAINING_SHAPES = (Shape(16384, 1024, 64), Shape(16384, 8192, 64))
+TRAINING_PROVIDERS = ("reference", "cpu")
+
+
+def _channel_first(shapes):
+    return tuple(Case(s, "layer_cf", providers=TRAINING_PROVIDERS) for s in shapes)
+
+
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 MEMORY_SHAPE = Shape(16384, 262144, 32)
 MEMORY_TARGET_MIB = 256
@@ -102,15 +115,18 @@ SERVE_PROVIDERS = ("reference", "chunked", "cpu", "cuda", "triton")
 
 PRESETS = {p.name: p for p in (
     Preset("tiny", "seconds; for the smoke test",
-           _fwd_and_layer([Shape(512, 256, 16)]), hidden=True),
+           _fwd_and_layer([Shape(512, 256, 16)]) + _channel_first([Shape(512, 256, 16)]),
+           hidden=True),
     Preset("quick", "default; about a minute on 2 CPU cores",
            _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64)],
-                          [Shape(16384, 1024, 64)])),
+                          [Shape(16384, 1024, 64)])
+           + (Case(Shape(16384, 8192, 64), "layer", providers=TRAINING_PROVIDERS),)
+           + _channel_first(TRAINING_SHAPES)),
     Preset("core", "four timing shapes (d = 64, 32, 256), layer rows, and the "
            "16384x262144x32 memory check",
            _fwd_and_layer([Shape(16384, 1024, 64), Shape(16384, 8192, 64),
                            Shape(8192, 65536, 32), Shape(4096, 16384, 256)])
-           + (_MEMORY_CASE,)),
+           + _channel_first(TRAINING_SHAPES) + (_MEMORY_CASE,)),
     Preset("image", "image tokenizer configs: N=16384, d=128, K from 1k to 262k",
            _fwd_and_layer([Shape(16384, k, 128) for k in (1024, 8192, 65536, 262144)])),
     Preset("audio", "audio tokenizer configs: N=1500, d=512, K from 4k to 262k",

@@ -88,13 +88,18 @@ def _backend(name: str) -> Callable:
             return Runner(lambda: sk.nearest_code(z, q, backend=name),
                           lambda o: {"idx": o[0], "dist": o[1]})
         g = inp.g_out
+        cf = op == "layer_cf"  # the same tokens, laid out channel-first
         # built on the device it runs on (initialising a 262k-code basis on a CPU is slow)
         with torch.device(z.device):
-            layer = sk.SimVQ(s.d, s.k, basis_dim=s.basis_dim, backend=name)
+            layer = sk.SimVQ(s.d, s.k, basis_dim=s.basis_dim, backend=name,
+                             **({"channel_first": True} if cf else {}))
         layer = layer.to(z.device)
         _copy_params(layer, inp)
         # fp32 tokens for the layer; under autocast (bf16/fp16 modes) the layer rounds them
         # to the stored low-precision values the checks read
+        if cf:
+            x, g = to_channel_first(z.float()).requires_grad_(True), to_channel_first(g)
+            return _layer_runner(layer, x, g, _autocast(inp), to_channel_last)
         x = z.float().clone().requires_grad_(op == "layer")
         amp = _autocast(inp)
         if op in ("eval", "encode"):
@@ -109,19 +114,45 @@ def _backend(name: str) -> Callable:
             return Runner(run_eval, lambda idx: {
                 "idx": idx.reshape(-1), "grads": None,
                 "grad_note": "indices only (inference)"})
-        params = (x, layer.weight, layer.bias)
-
-        def run_layer():
-            for p in params:
-                p.grad = None
-            with amp():
-                out, idx, loss = layer(x)
-            (loss + (out.float() * g).sum()).backward()
-            return idx
-        return Runner(run_layer, lambda idx: {
-            "idx": idx.reshape(-1), "grads": {"z": x.grad, "weight": layer.weight.grad,
-                                              "bias": layer.bias.grad}})
+        return _layer_runner(layer, x, g, amp)
     return build
+
+
+CF_SIDE = 16  # channel-first rows: tokens as (N / 256, d, 16, 16) images
+
+
+def to_channel_first(t):
+    """(N, d) tokens as (N/256, d, 16, 16) images, token b*256 + 16*h + w at [b, :, h, w]
+    (as (1, d, N) when N is not a multiple of 256); a contiguous copy."""
+    n, d = t.shape
+    if n % (CF_SIDE * CF_SIDE) == 0:
+        t = t.reshape(-1, CF_SIDE, CF_SIDE, d).permute(0, 3, 1, 2)
+    else:
+        t = t.t()[None]
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def to_channel_last(t):
+    """The inverse of :func:`to_channel_first`: (B, d, *spatial) -> (N, d)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _layer_runner(layer, x, g, amp, back=lambda t: t) -> Runner:
+    """A layer row: forward and the backward of ``loss + sum(out * g)`` on ``x``; the
+    checks read the indices and dz in token order (``back`` undoes a channel-first
+    layout)."""
+    params = (x, layer.weight, layer.bias)
+
+    def run_layer():
+        for p in params:
+            p.grad = None
+        with amp():
+            out, idx, loss = layer(x)
+        (loss + (out.float() * g).sum()).backward()
+        return idx
+    return Runner(run_layer, lambda idx: {
+        "idx": idx.reshape(-1), "grads": {"z": back(x.grad), "weight": layer.weight.grad,
+                                          "bias": layer.bias.grad}})
 
 
 def _autocast(inp: Inputs):
@@ -136,7 +167,8 @@ def _autocast(inp: Inputs):
 for _name, _mat, _paired in (("reference", True, False), ("chunked", False, False),
                              ("cpu", False, True), ("cuda", False, True),
                              ("triton", False, False)):
-    register(Provider(_name, "backend", ("fwd", "layer", "eval", "encode"), _backend(_name),
+    register(Provider(_name, "backend", ("fwd", "layer", "layer_cf", "eval", "encode"),
+                      _backend(_name),
                       materialising=_mat, paired=_paired))
 
 

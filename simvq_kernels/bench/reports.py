@@ -16,7 +16,7 @@ def _sorted(ceilings: dict) -> list:
     return sorted(ceilings.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
 
 COLUMNS = ("provider", "shape NxKxd", "op", "median ms", "IQR ms", "runs", "Mtok/s", "GFLOP/s",
-           "peak MiB", "x ref", "x faiss", "% ceil", "check")
+           "peak MiB", "x ref", "x faiss", "% ceil", "% peak", "check")
 
 
 def _fmt(v, spec, empty="-"):
@@ -25,14 +25,15 @@ def _fmt(v, spec, empty="-"):
 
 def row_cells(r: Row) -> list:
     if r.status != "ok":
-        return [r.provider, r.shape.label, r.op_label] + ["-"] * 9 + [r.check]
+        return [r.provider, r.shape.label, r.op_label] + ["-"] * (len(COLUMNS) - 4) + [r.check]
     q1, q3 = r.quartiles
     return [r.provider, r.shape.label, r.op_label, f"{r.median * 1e3:.2f}",
             f"{(q3 - q1) * 1e3:.2f}", str(len(r.times)), f"{r.tokens_per_s / 1e6:.3g}",
             f"{r.gflops:.1f}", _fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20,
                                     ".1f"),
             _fmt(r.vs_reference, ".2f"), _fmt(r.vs_faiss, ".2f"),
-            _fmt(None if r.frac_ceiling is None else 100 * r.frac_ceiling, ".0f"), r.check]
+            _fmt(None if r.frac_ceiling is None else 100 * r.frac_ceiling, ".0f"),
+            _fmt(None if r.frac_peak is None else 100 * r.frac_peak, ".0f"), r.check]
 
 
 def format_table(rows) -> str:
@@ -71,12 +72,36 @@ def footnotes(result: BenchResult) -> list:
     return lines
 
 
+def peak_line(result: BenchResult, markdown: bool = False) -> str:
+    """The machine's FMA peak per ISA and which ISA set the peak the rows are compared
+    with; '' when it was not measured (no CPU rows, or no extension)."""
+    if not result.peaks:
+        return ""
+    threads = result.peak_threads or result.machine.get("torch threads", "all")
+    per_isa = ", ".join(f"{isa} {g:.1f}" for isa, g in result.peaks.items())
+    b = "**" if markdown else ""
+    text = (f"FMA peak (fp32, measured on all {threads} threads, 12 independent FMA chains "
+            f"per thread, the better of the start and end of the run), GFLOP/s: {per_isa}; "
+            f"{b}% peak is against {result.peak_isa}'s {result.peak:.1f}{b}")
+    best = result.machine_peak_isa
+    if result.peak_isa == best:
+        text += f" (the machine's peak: {best} set it)"
+    else:
+        text += (f" (the CPU kernel runs {result.peak_cap} here, set by SIMVQ_CPU_ISA or "
+                 f"set_cpu_kernel_config; the machine's peak is {best}'s "
+                 f"{result.peaks[best]:.1f})")
+    return text
+
+
 def format_report(result: BenchResult) -> str:
     """The plain-text report: header, table, ceilings, notes, targets."""
     m = result.machine
     lines = [f"simvq-kernels bench: preset {result.preset.name!r} on {result.device} "
              f"({m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch threads']} threads), "
-             f"{m['date']}, commit {m['git commit']}", "", format_table(result.rows), ""]
+             f"{m['date']}, commit {m['git commit']}"]
+    if result.peaks:
+        lines.append(peak_line(result))
+    lines += ["", format_table(result.rows), ""]
     if result.ceilings:
         lines.append("matmul ceiling (GFLOP/s): " + ", ".join(
             f"{ceiling_label(k)}: {g:.1f}" for k, g in _sorted(result.ceilings)))
@@ -88,6 +113,10 @@ def format_report(result: BenchResult) -> str:
         lines.append("% ceil: forward rows of " + ", ".join(PAIRED_PROVIDERS) + " measured "
                      "side by side with the ceiling tile in the same process (see the "
                      "markdown)")
+        if result.peaks:
+            lines.append("% peak: forward rows of " + ", ".join(PAIRED_PROVIDERS) +
+                         " measured side by side with the FMA peak probe; other rows: "
+                         "GFLOP/s over the run's peak")
     lines.append("GFLOP/s counts 2*N*K*d per call for every op; x ref / x faiss = their "
                  "time / this row's time; peak MiB = measured growth above the inputs.")
     for n in result.notes + footnotes(result):
@@ -109,6 +138,8 @@ def format_markdown(result: BenchResult, plot_path: Optional[str] = None,
     md = [f"# simvq-kernels benchmark: preset `{result.preset.name}` on {result.device}", ""]
     for k, v in m.items():
         md.append(f"- **{k}**: {v}")
+    if result.peaks:
+        md += ["", peak_line(result, markdown=True)]
     if command:
         md += ["", "Command:", "", "```", command, "```"]
     md += ["", format_markdown_table(result.rows), ""]
@@ -140,7 +171,12 @@ def format_markdown(result: BenchResult, plot_path: Optional[str] = None,
                   f"(the op and an equally long batch of ceiling tiles timed alternately in "
                   f"the same process, median of {PAIRS} per-pair ratios, so that the "
                   "machine's drifts cancel); for other rows, this row's GFLOP/s over the "
-                  "run's ceiling.")
+                  "run's ceiling. `% peak`: the same against the machine's physical fp32 FMA "
+                  "peak (the probe `torch.ops.simvq.fma_peak`, 12 independent FMA chains per "
+                  "thread on all threads, in the ISA named above): side by side for those "
+                  "forward rows (the op and an equally long batch of probe calls), else this "
+                  "row's GFLOP/s over the run's peak. Layer rows count the search's flops, "
+                  "2·N·K·d, as the GFLOP/s column does.")
     if result.sweep is not None:
         md += ["", result.sweep.markdown()]
     notes = result.notes + footnotes(result)
@@ -162,7 +198,8 @@ CSV_FIELDS = ("provider", "n", "k", "d", "r", "op", "status", "runs", "median_s"
               "vs_reference", "vs_faiss", "ceiling_gflops", "frac_ceiling",
               "frac_ceiling_method", "check",
               "check_detail", "foreign_cores", "note", "device", "mode", "first_s",
-              "vs_matmul", "vs_search_paired")
+              "vs_matmul", "vs_search_paired", "peak_gflops", "peak_isa", "frac_peak",
+              "frac_peak_method")
 
 
 def write_csv(result: BenchResult, path: str) -> None:
@@ -188,12 +225,17 @@ def write_csv(result: BenchResult, path: str) -> None:
                                         "run ceiling" if r.frac_ceiling is not None else ""),
                 "check": r.check,
                 "check_detail": r.check_detail, "foreign_cores": r.foreign_cores,
-                "note": r.note, "device": result.device})
+                "note": r.note, "device": result.device,
+                "peak_gflops": r.peak, "peak_isa": result.peak_isa if r.peak else None,
+                "frac_peak": r.frac_peak,
+                "frac_peak_method": ("paired" if r.paired_peak is not None else
+                                     "run peak" if r.frac_peak is not None else "")})
 
 
 def write_plot(result: BenchResult, path: str) -> None:
     """Throughput (GFLOP/s = 2NKd / time) vs K per provider: one row of panels per op,
-    one column per d, with the matmul ceiling for that d as a dashed line."""
+    one column per d, with the matmul ceiling for that d as a dashed line and the
+    machine's FMA peak (CPU) as a dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +266,9 @@ def write_plot(result: BenchResult, path: str) -> None:
             if ceil:
                 ax.axhline(ceil, ls="--", color="k", lw=1,
                            label=f"matmul ceiling ({ceil:.0f})")
+            if result.peak:
+                ax.axhline(result.peak, ls=":", color="r", lw=1,
+                           label=f"FMA peak, {result.peak_isa} ({result.peak:.0f})")
             ns = sorted({r.shape.n for r in cell})
             ks = sorted({r.shape.k for r in cell})
             ax.set_xscale("log", base=2)

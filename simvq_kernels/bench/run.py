@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import peak
 from .blas import describe, peer_env
 from .checks import mode_roundoff
 from .child import run_in_child, run_measured
@@ -20,6 +21,12 @@ from .presets import FUSED_BACKENDS, Preset, Shape, op_label
 from .providers import (BACKEND_NAMES, PAIRED_PROVIDERS, PEER_NAMES, PROVIDERS,
                         select_providers, skip_reason)
 from .timing import CONTENTION_CORES, QuietGate, ceiling_key, ceiling_label
+
+# rows also timed alternately with the bare search on the same inputs: encode and eval
+# rows of every backend, layer rows of the fused backends (the training step's target;
+# the reference layer's ratio would cost a minute of a core run and judge nothing)
+PAIRED_SEARCH_OPS = ("encode", "eval")
+PAIRED_LAYER_OPS = ("layer", "layer_cf")
 
 
 @dataclass
@@ -45,8 +52,11 @@ class Row:
     first_s: Optional[float] = None  # the first (warm-up) call, excluded from the times
     vs_matmul: Optional[float] = None  # same-shape matrix product's time / this row's
     memory_check: bool = False  # the case's peak memory is a target
-    # encode / eval rows: time over the bare search's, timed alternately in one process
+    # encode / eval / layer rows: time over the bare search's, timed alternately in one
+    # process
     paired_vs_search: Optional[float] = None
+    peak: Optional[float] = None  # the run's FMA peak (GFLOP/s) this row is compared with
+    paired_peak: Optional[float] = None  # % of that peak measured side by side (fwd rows)
 
     @property
     def op_label(self) -> str:
@@ -82,6 +92,16 @@ class Row:
         g = self.gflops
         return g / self.ceiling if g and self.ceiling else None
 
+    @property
+    def frac_peak(self) -> Optional[float]:
+        """Fraction of the machine's FMA peak: measured side by side where there is one
+        (see timing.paired_peak_fraction), else this row's GFLOP/s (the search's flops,
+        2*N*K*d, for every op) over the run's peak."""
+        if self.paired_peak is not None:
+            return self.paired_peak
+        g = self.gflops
+        return g / self.peak if g and self.peak else None
+
 
 @dataclass
 class BenchResult:
@@ -93,6 +113,23 @@ class BenchResult:
     notes: list
     fused: tuple  # the fused backends whose targets are evaluated
     sweep: Optional[object] = None  # gpu.SweepResult of a preset with an accuracy sweep
+    # CPU: the machine's fp32 FMA peak per ISA (GFLOP/s, all threads; simvq_kernels.peak),
+    # the better of the start and end of the run, and the ISA whose peak the rows' "% peak"
+    # is against (the best one, or the best the CPU kernel is limited to)
+    peaks: dict = field(default_factory=dict)
+    peak_isa: Optional[str] = None
+    peak_cap: Optional[str] = None  # the kernel's ISA when set by SIMVQ_CPU_ISA, else None
+    peak_threads: Optional[int] = None  # the threads the peak was measured on
+
+    @property
+    def peak(self) -> Optional[float]:
+        """GFLOP/s of the peak the rows are compared with (see ``peak_isa``)."""
+        return self.peaks.get(self.peak_isa) if self.peak_isa else None
+
+    @property
+    def machine_peak_isa(self) -> Optional[str]:
+        """The ISA with the machine's highest FMA peak (no limit applied)."""
+        return peak.best(self.peaks)
 
     def __post_init__(self):
         if isinstance(self.fused, str):
@@ -175,7 +212,9 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                    for c in preset.cases}, key=lambda x: str(x[0]))
     keys = list({k: (k, d, m) for k, d, m in keys}.values())
     sweep_steps = preset.sweep.steps(providers, device) if preset.sweep is not None else 0
-    bar = tqdm(total=len(plan) + 2 * len(keys) + sweep_steps, desc=f"bench {preset.name}",
+    measure_peak = device.type == "cpu"
+    bar = tqdm(total=len(plan) + 2 * len(keys) + 2 * measure_peak + sweep_steps,
+               desc=f"bench {preset.name}",
                unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     gate = QuietGate(quiet_wait, quiet_wait_total)
 
@@ -201,6 +240,28 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
             bar.update(1)
         return got
 
+    peak_threads = []
+
+    def measure_peaks(when):
+        """The FMA peak per ISA, in a child process like the ceilings."""
+        if not measure_peak:
+            return {}
+        bar.set_postfix_str(f"FMA peak ({when})")
+        bar.update(1)
+        if (time_left() or 1.0) <= 0 and when == "end":
+            notes.append(f"FMA peak ({when}): not measured (--deadline reached)")
+            return {}
+        out = run_measured(dict(base, op="peak"), timeout(), gate, contention_retries)
+        if out["status"] != "ok":
+            notes.append(f"FMA peak ({when}): not measured: "
+                         f"{out.get('error') or out.get('reason')}")
+            return {}
+        if (out.get("foreign_cores") or 0.0) > CONTENTION_CORES:
+            notes.append(f"FMA peak ({when}): contended: other processes used "
+                         f"{out['foreign_cores']:.2f} cores while timing")
+        peak_threads.append(out["threads"])
+        return out["peaks"]
+
     peer_envs, peer_blas_seen = {}, {}
     for p in dict.fromkeys(p for p, _ in plan):
         if not PROVIDERS[p].blas:
@@ -218,6 +279,9 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         sweep = preset.sweep.run(providers, device, case_timeout=timeout(), seed=seed,
                                  bar=bar)
     ceil_start = measure_ceilings("start")
+    peak_start = measure_peaks("start")
+    peak_cap = peak.kernel_isa_cap() if measure_peak else None
+    pair_isa = peak.best(peak_start, peak_cap)  # the ISA fwd rows are paired with
     rows = []
     for p, case in plan:
         s = case.shape
@@ -238,8 +302,12 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                         shape={"n": s.n, "k": s.k, "d": s.d, "r": s.r},
                         paired_ceiling=(case.op == "fwd" and p in PAIRED_PROVIDERS
                                         and device.type == "cpu"),
-                        paired_search=(case.op in ("encode", "eval")
-                                       and PROVIDERS[p].kind == "backend"),
+                        paired_peak=(pair_isa if case.op == "fwd" and p in PAIRED_PROVIDERS
+                                     and device.type == "cpu" else None),
+                        paired_search=(case.op in PAIRED_SEARCH_OPS
+                                       and PROVIDERS[p].kind == "backend"
+                                       or case.op in PAIRED_LAYER_OPS
+                                       and p in FUSED_BACKENDS),
                         peer_env=peer_envs.get(p))
             out = run_measured(spec, timeout(), gate, contention_retries)
             if out.get("blas") is not None:
@@ -254,6 +322,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                 row.foreign_cores = out.get("foreign_cores")
                 row.paired_frac = out.get("paired_frac")
                 row.paired_vs_search = out.get("vs_search")
+                row.paired_peak = out.get("paired_peak")
                 if out.get("attempts", 1) > 1:
                     row.note = "; ".join(x for x in (row.note, f"quietest of {out['attempts']} "
                                                      "runs (others used the CPUs)") if x)
@@ -268,6 +337,7 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
         rows.append(row)
         bar.update(1)
     ceil_end = measure_ceilings("end")
+    peak_end = measure_peaks("end")
     bar.close()
     # The ceiling is a limit: the better of the two measurements (start and end of the run)
     ceilings = {k: max(x for x in (ceil_start.get(k), ceil_end.get(k)) if x is not None)
@@ -278,6 +348,20 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
                          f"start, {ceil_end[k]:.1f} at the end; the higher is used")
     for r in rows:
         r.ceiling = ceilings.get(ceiling_key(device, r.shape.d, r.mode))
+    # The peak is a limit too: per ISA, the better of the start and end of the run
+    peaks = {isa: max(x for x in (peak_start.get(isa), peak_end.get(isa)) if x is not None)
+             for isa in dict.fromkeys(list(peak_start) + list(peak_end))}
+    for isa in peaks:
+        if isa in peak_start and isa in peak_end:
+            notes.append(f"FMA peak {isa}: {peak_start[isa]:.1f} GFLOP/s at the start, "
+                         f"{peak_end[isa]:.1f} at the end; the higher is used")
+    peak_isa = peak.best(peaks, peak_cap)
+    if pair_isa is not None and peak_isa != pair_isa:
+        notes.append(f"FMA peak: {pair_isa} was the best at the start (the side-by-side "
+                     f"% peak is against it), {peak_isa} over the whole run")
+    for r in rows:
+        if device.type == "cpu" and peak_isa is not None:
+            r.peak = peaks[peak_isa]
     if gate.waited >= 1:
         notes.append(f"waited {gate.waited:.0f} s in all for other processes to leave the CPUs")
     _fill_ratios(rows)
@@ -290,7 +374,9 @@ def run_benchmark(preset: Preset, *, backends=None, peers=None, device=None, rep
     machine["load average 1/5/15 min (start, end)"] = (
         " / ".join(f"{x:.2f}" for x in load_start) + ", "
         + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
-    return BenchResult(preset, str(device), rows, ceilings, machine, notes, fused, sweep)
+    return BenchResult(preset, str(device), rows, ceilings, machine, notes, fused, sweep,
+                       peaks=peaks, peak_isa=peak_isa, peak_cap=peak_cap,
+                       peak_threads=peak_threads[0] if peak_threads else None)
 
 
 def _fill_ratios(rows):

@@ -1,5 +1,6 @@
 """Timing: device-synchronised timed runs, the matrix-product ceiling, the side-by-side
-ceiling fraction, and the guards against other processes sharing the CPUs."""
+fractions of the ceiling and of the machine's FMA peak, and the guards against other
+processes sharing the CPUs."""
 from __future__ import annotations
 
 import os
@@ -134,15 +135,17 @@ def ceiling_gflops(d: int, device, mode: str = "fp32", min_runs: int = 50,
 PAIRS = 15
 
 
-def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
-                            pairs: int = PAIRS) -> Optional[float]:
-    """The op's fraction of the matrix-product ceiling, measured side by side: the op and
-    a batch of ceiling tiles of about the same duration are timed alternately in this
-    process, and the median of the per-pair ratios is returned. Slow drifts of the
-    machine's speed (other tenants, clocks) then cancel, which a ceiling measured at the
-    start and end of the run cannot do."""
-    tile, flops = ceiling_tile(shape.d, device)
-    tile_s = statistics.median(time_runs(tile, 20, device))
+def paired_fraction(run, op_flops: float, tile, tile_flops: float, device, op_s: float,
+                    budget: float, pairs: int = PAIRS) -> float:
+    """The op's fraction of a limit, measured side by side: ``run`` (doing ``op_flops``)
+    and a batch of ``tile`` calls (``tile_flops`` each) of about the same duration are
+    timed alternately in this process, and the median of the per-pair ratios of their
+    FLOP/s is returned. Slow drifts of the machine's speed (other tenants, clocks) then
+    cancel, which a limit measured at the start and end of the run cannot do."""
+    runs = time_runs(tile, 3, device)
+    if statistics.median(runs) < 0.005:  # short tiles (the ceiling's): 20 runs in all
+        runs += time_runs(tile, 17, device)
+    tile_s = statistics.median(runs)
     reps = max(1, round(op_s / tile_s))
 
     def tiles():
@@ -154,8 +157,33 @@ def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
     for _ in range(pairs):
         t_op = time_runs(run, 1, device)[0]
         t_tiles = time_runs(tiles, 1, device)[0]
-        ratios.append((shape.search_flops / t_op) / (flops * reps / t_tiles))
+        ratios.append((op_flops / t_op) / (tile_flops * reps / t_tiles))
     return statistics.median(ratios)
+
+
+def paired_ceiling_fraction(run, shape, device, op_s: float, budget: float,
+                            pairs: int = PAIRS) -> Optional[float]:
+    """The op's fraction of the matrix-product ceiling (:func:`ceiling_tile`), measured
+    side by side (see :func:`paired_fraction`)."""
+    tile, flops = ceiling_tile(shape.d, device)
+    return paired_fraction(run, shape.search_flops, tile, flops, device, op_s, budget, pairs)
+
+
+# the peak-probe calls of a paired measurement last about as long as the op, within
+# these bounds (shorter calls would time the thread pool's wake-up on a busy machine)
+PEAK_CALL_S = (0.02, 0.05)
+
+
+def paired_peak_fraction(run, shape, device, op_s: float, budget: float, isa: str,
+                         pairs: int = PAIRS) -> float:
+    """The op's fraction of the machine's FMA peak in ``isa`` (simvq_kernels.peak),
+    measured side by side: the op and a batch of peak-probe calls of about the same
+    duration timed alternately (see :func:`paired_fraction`). GFLOP/s of the op counts
+    the search, 2*N*K*d."""
+    from .. import peak
+
+    tile, flops = peak.probe(isa, min(max(op_s, PEAK_CALL_S[0]), PEAK_CALL_S[1]))
+    return paired_fraction(run, shape.search_flops, tile, flops, device, op_s, budget, pairs)
 
 
 def paired_ratio(run_a, run_b, device, budget: float, pairs: int = PAIRS) -> float:
