@@ -289,6 +289,31 @@ def test_quantize_backward(n, k, d, r, dtype):
         oracle.check_grads(dw, db, basis, weight, torch.zeros(d, dtype=dtype), idx, grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_index_out_of_range_gives_nan(dtype):
+    """The 'cuda' backend's contract: an index outside [0, K) makes grad_weight and
+    grad_bias NaN (never a finite wrong value), without reading outside the basis.
+    The basis is a view in the middle of a larger buffer whose neighbours are huge:
+    a gather past either end would give a finite, wrong gradient or an inf."""
+    g = _gen("bwd-range", str(dtype))
+    n, k, d, r = 50, 9, 5, 6
+    store = torch.full((3 * k, r), 1e30).to(dtype)
+    basis = store[k:2 * k]
+    basis.copy_(torch.randn(k, r, generator=g).to(dtype))
+    grad = torch.randn(n, d, generator=g).to(dtype)
+    weight = torch.randn(d, r, generator=g).to(dtype)
+    good = torch.randint(0, k, (n,), generator=g)
+    dw, db = quantize_backward_triton(grad, basis, good, weight)
+    assert bool(torch.isfinite(dw).all() and torch.isfinite(db).all())
+    for bad in (-1, k, k + 3, -k, 2**40):
+        idx = good.clone()
+        idx[n // 2] = bad
+        for splits in (1, 3):
+            dw, db = quantize_backward_triton(grad, basis, idx, weight, splits=splits)
+            assert bool(torch.isnan(dw).all()), (bad, splits, dw)
+            assert bool(torch.isnan(db).all()), (bad, splits, db)
+
+
 # ----------------------------------------------------------------- the SimVQ layer
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

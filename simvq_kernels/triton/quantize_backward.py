@@ -9,6 +9,12 @@ grad_bias = sum_n grad_zq is a plain fp32 reduction.
 Products: bf16 x bf16 and fp16 x fp16 on tensor cores (exact in fp32); anything else
 (float32, mixed dtypes) is widened to fp32 and multiplied exactly ("ieee"), since the
 gradient is compared at fp32 accuracy. Token, code-row and split offsets are int64.
+
+Indices outside [0, K): the same contract as the 'cuda' backend. Such a token's basis
+row is never read (no out-of-bounds gather, and no host synchronisation to look at the
+indices); it enters the product as a row of NaN, so grad_weight comes out NaN, and
+grad_bias is made NaN too (on CUDA the bias is a column of the same product). A wrong
+index therefore never yields a finite, wrong gradient.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from .common import cfg, kernel, launch, num_sms
 
 def _gather_gemm_tn_kernel(
     G, B, IDX, OUT,
-    N, D, R, n_per_split,
+    N, D, R, K, n_per_split,
     stride_gn, stride_gd, stride_bk, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, USE_DOT: tl.constexpr,
@@ -40,15 +46,18 @@ def _gather_gemm_tn_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
         rows = tl.load(IDX + offs_n, mask=n_mask, other=0)  # int64 code indices
+        valid = n_mask & (rows >= 0) & (rows < K)  # a row outside [0, K) is never read
         g = tl.load(G + offs_n.to(tl.int64)[None, :] * stride_gn
                     + offs_d.to(tl.int64)[:, None] * stride_gd,
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         b = tl.load(B + rows.to(tl.int64)[:, None] * stride_bk
                     + offs_r.to(tl.int64)[None, :] * stride_br,
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+                    mask=valid[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
         if UPCAST:
             g = g.to(tl.float32)
             b = b.to(tl.float32)
+        # ... it enters the product as NaN (the 'cuda' backend's contract)
+        b = tl.where((n_mask & ~valid)[:, None], float("nan"), b)
         if USE_DOT:
             acc = tl.dot(g, b, acc, input_precision="ieee")
         else:  # the interpreter: plain sums (its tl.dot is numpy.matmul on BLAS threads)
@@ -71,9 +80,10 @@ def backward_config(interpreted: bool, low_precision: bool):
 def quantize_backward_triton(grad_zq: torch.Tensor, basis: torch.Tensor, idx: torch.Tensor,
                              weight: torch.Tensor, *, splits: int | None = None):
     """grad_zq (N, d), basis (K, r), idx int64 (N,), weight (d, r) ->
-    (grad_weight (d, r), grad_bias (d,)) in weight's dtype. Any strides."""
+    (grad_weight (d, r), grad_bias (d,)) in weight's dtype. Any strides. An index
+    outside [0, K) makes both gradients NaN (see the module docstring)."""
     n, d = grad_zq.shape
-    r = basis.shape[1]
+    k, r = basis.shape
     dev = grad_zq.device
     if n == 0:
         return torch.zeros_like(weight), weight.new_zeros(d)
@@ -93,10 +103,12 @@ def quantize_backward_triton(grad_zq: torch.Tensor, basis: torch.Tensor, idx: to
     part = torch.empty((splits, d, r), dtype=torch.float32, device=dev)
     launch(gather_gemm_kernel,
            (triton.cdiv(d, blocks["BLOCK_D"]), triton.cdiv(r, blocks["BLOCK_R"]), splits),
-           grad_zq, basis, idx, part, n, d, r, n_per_split,
+           grad_zq, basis, idx, part, n, d, r, k, n_per_split,
            grad_zq.stride(0), grad_zq.stride(1), basis.stride(0), basis.stride(1),
            UPCAST=(interpreted or not low), USE_DOT=not interpreted, device=dev, **blocks,
            **c.launch_options(dev))
     dw = part.sum(0) if splits > 1 else part[0]
     db = grad_zq.sum(0, dtype=torch.float32)
+    # NaN where an index is out of range, without a host synchronisation
+    db = db.masked_fill(((idx < 0) | (idx >= k)).any(), float("nan"))
     return dw.to(weight.dtype), db.to(weight.dtype)
