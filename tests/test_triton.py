@@ -26,7 +26,8 @@ import simvq_kernels as sk
 from simvq_kernels.backends import BackendUnavailableError
 from simvq_kernels.triton import ops as tops
 from simvq_kernels.triton.common import SPLIT_K_ENV, cfg
-from simvq_kernels.triton.nearest_code import nearest_code_triton
+from simvq_kernels.triton.nearest_code import (TABLES, interpreter_uses_dot,
+                                               nearest_code_triton, table_configs)
 from simvq_kernels.triton.quantize_backward import quantize_backward_triton
 
 
@@ -192,6 +193,72 @@ def test_duplicate_basis_rows_in_quantize():
     zq, idx, dist = tops.quantize(z, basis, weight, bias)
     oracle.check_quantize(z, basis, weight, bias, zq, idx, dist, 0.0,
                           expect_idx=torch.tensor([3, 3, 10, 3, 10]))
+
+
+# ------------------------------------------- every configuration a GPU would pick
+
+def _gpu_configs():
+    """Every distinct configuration of every tile table (a table shared by both
+    architectures once), with the dtype and matmul precision that pick it."""
+    seen, out = set(), []
+    for (arch, kind), table in TABLES.items():
+        for c in table_configs(table):
+            if (kind, c) in seen:
+                continue
+            seen.add((kind, c))
+            out.append((arch, kind, c))
+    return out
+
+
+GPU_CONFIGS = _gpu_configs()
+_KIND_DTYPE = {"tc": (torch.bfloat16, "highest"), "tf32": (torch.float32, "high"),
+               "ieee": (torch.float32, "highest")}
+
+
+def _edge_shape(c):
+    """N, K, d that divide none of the configuration's tiles: two token tiles (the last
+    with 3 rows), six code tiles (the last with 7 codes: three splits of two tiles when
+    3 are asked for), and for a whole-d tile d = BLOCK_D - 3, for a d loop three chunks
+    (the last with 5 columns)."""
+    b = c.constexprs()
+    d = max(1, b["BLOCK_D"] - 3) if b["SINGLE_D"] else 2 * b["BLOCK_D"] + 5
+    return b["BLOCK_N"] + 3, 5 * b["BLOCK_K"] + 7, d
+
+
+@pytest.mark.parametrize("arch,kind,config", GPU_CONFIGS,
+                         ids=[f"{a}-{k}-{c.label().replace(' ', '-')}"
+                              for a, k, c in GPU_CONFIGS])
+def test_every_gpu_tile_configuration(arch, kind, config, matmul_precision):
+    """Each configuration of the GPU tile tables, run by the interpreter on edge shapes
+    with splits 1 and 3: small-integer inputs (every distance exact in every dtype, so
+    exact duplicates and ties abound) must give the oracle's lowest index and exact
+    distances, and random inputs must pass design.md §3. Configurations whose plain-sum
+    product exceeds the interpreter's tensor limit run with tl.dot (numpy.matmul),
+    which is exact on these integers too."""
+    dtype, prec = _KIND_DTYPE[kind]
+    matmul_precision(prec)
+    n, k, d = _edge_shape(config)
+    bk = config.constexprs()["BLOCK_K"]
+    g = _gen("gpu-config", arch, kind, config.label())
+    q = torch.randint(-2, 3, (k, d), generator=g).to(dtype)
+    # exact duplicates in the last code tile and in other splits, tokens sitting on them
+    for src, dst in ((3, k - 1), (3, 2 * bk + 1), (bk + 5, 4 * bk + 2), (0, k - 4)):
+        q[dst] = q[src]
+    z = torch.randint(-2, 3, (n, d), generator=g).to(dtype)
+    z[:4] = q[[k - 1, 2 * bk + 1, 4 * bk + 2, k - 4]]
+    z[-3:] = q[[3, bk + 5, 0]]  # the last, partial token tile
+    o_idx, o_dist = oracle.oracle_nearest64(z, q)
+    assert o_idx[:4].tolist() == [3, 3, bk + 5, 0]
+    for splits in (1, 3):
+        idx, dist = nearest_code_triton(z, q, config=config, splits=splits)
+        bad = idx != o_idx
+        assert not bool(bad.any()), (splits, interpreter_uses_dot(config), idx[bad],
+                                     o_idx[bad])
+        assert torch.equal(dist.double(), o_dist), splits
+    zr = torch.randn(n, d, generator=g).to(dtype)
+    qr = (1.5 * torch.randn(k, d, generator=g)).to(dtype)
+    idx, dist = nearest_code_triton(zr, qr, config=config, splits=3)
+    oracle.check_nearest(zr, qr, idx, dist, _u(dtype, prec), what=f"{arch} {kind}")
 
 
 # ------------------------------------------------------------------------- split-K
