@@ -8,18 +8,22 @@ On one GPU, in one call:
     the search (picks and distances of sampled tokens against all K codes, design.md §3)
     and the SimVQ layer's forward and gradients (dz, dW, db against float64 autograd at
     the backend's own picks). One child process per backend.
-(b) timed rows (the preset's cases): the forward and the training step (layer fwd+bwd)
-    against the reference formula, torch.cdist + argmin, vector-quantize-pytorch,
-    flash-kmeans' assignment kernel and faiss-gpu where importable, the same-shape cuBLAS
-    product into a preallocated output, and the tensor-core ceiling (cuBLAS 8192^3 in each
-    precision mode), reporting % of ceiling;
-(c) N = 262144 x K = 262144 x d = 128 in bf16 with its peak memory (the reference would
-    need 256 GiB for its distance matrix);
+(b) timed rows (the preset's cases, in this order): the headline shapes, N = 16384 x
+    K = 262144 x d = 128 and (c) N = 262144 x K = 262144 x d = 128 in bf16 with its peak
+    memory (the reference would need 256 GiB for its distance matrix), next to the
+    same-shape cuBLAS product into a preallocated output; the other forward and
+    training-step (layer fwd+bwd) rows; then the peers on the same inputs: the kernels
+    that set the bar, flash-kmeans' and flashlib's Triton assignment kernels
+    (gpu_peers.py), then the reference formula, torch.cdist + argmin,
+    vector-quantize-pytorch and faiss-gpu where importable; and the tensor-core ceiling
+    (cuBLAS 8192^3 in each precision mode), reporting % of ceiling;
 (d) CSV, markdown and plot (and the sweep's CSV) with card, driver, versions and commit.
 
 ``--dry-run`` runs the same logic on tiny shapes (the 'gpu-dry' preset), on the CPU when
 there is no GPU: the 'cpu' backend, and 'triton' under TRITON_INTERPRET=1, stand in for
-the GPU backends. That is how CI tests this file without a GPU.
+the GPU backends, and with SIMVQ_BENCH_PEER_STAND_INS=1 (run.sh's dry run) the stand-ins
+of benchmarks/gpu/standins for flash-kmeans and flashlib. That is how CI tests this file
+without a GPU.
 """
 from __future__ import annotations
 
@@ -199,35 +203,53 @@ class SweepResult:
 # ------------------------------------------------------------------------ presets
 
 FUSED = GPU_BACKENDS
-# peers of the bf16 forward across K (cdist and faiss-gpu take fp32 only: n/a there), of
-# the fp32-input forwards, and of the training step; 'chunked' is what backend="auto" runs
-# on a GPU until a GPU backend is validated, so it is timed once per op
-BF16_PEERS = ("reference", "chunked", "matmul", "flash-kmeans", "vq-pytorch")
-FP32_PEERS = ("reference", "matmul", "cdist", "faiss-gpu", "flash-kmeans", "vq-pytorch")
+# the same-shape cuBLAS product: a ceiling, timed with this library's rows
+CUBLAS = ("matmul",)
+# the kernels that set the bar, on the bf16 forward rows (gpu_peers.py)
+KERNEL_PEERS = ("flash-kmeans", "flashlib")
+# the other peers of the bf16 forward across K (cdist and faiss-gpu take fp32 only: n/a
+# there), of the fp32-input forwards, and of the training step; 'chunked' is what
+# backend="auto" runs on a GPU until a GPU backend is validated, so it is timed once per op
+BF16_PEERS = ("reference", "chunked", "vq-pytorch")
+FP32_PEERS = ("reference", "cdist", "faiss-gpu", "vq-pytorch")
 LAYER_PEERS = ("reference", "vq-pytorch")
 
 
 def gpu_cases(n: int, ks: tuple, d_main: int, ds_other: tuple, k_mid: int, big: Shape,
               stand_ins: tuple = ()) -> tuple:
-    """The timed cases of the GPU acceptance (b) and (c); ``stand_ins`` are added to the
-    fused backends for a dry run on a CPU."""
+    """The timed cases of the GPU acceptance (b) and (c), in the order they run (the
+    accuracy sweep runs before them), so that a run cut short by its deadline loses the
+    least: the headline shapes (N x the largest K x d_main, and ``big``) for this
+    library's backends and the same-shape cuBLAS product, then for the kernel peers
+    (flash-kmeans, flashlib: same shapes, same inputs); then this library's other
+    forward and training-step rows; the kernel peers on those forward shapes; the
+    other peers last. ``stand_ins`` are added to the fused backends for a dry run on a
+    CPU."""
     fused = tuple(dict.fromkeys(FUSED + stand_ins))
-    cases = []
-    for k in ks:  # the forward search in bf16 across K, every peer
-        cases.append(Case(Shape(n, k, d_main), "fwd", fused + BF16_PEERS, mode="bf16"))
-    for d in ds_other:  # small and wide d
-        cases.append(Case(Shape(n, k_mid, d), "fwd",
-                          fused + ("reference", "matmul", "flash-kmeans"), mode="bf16"))
-    for mode in ("tf32", "fp32"):  # fp32 inputs: tensor-core tf32 and exact products
-        cases.append(Case(Shape(n, k_mid, d_main), "fwd", fused + FP32_PEERS, mode=mode))
-    for k in dict.fromkeys((k_mid, ks[-1])):  # the training step (layer fwd + bwd)
-        extra = ("chunked", "vq-pytorch-rot") if k == k_mid else ()
-        cases.append(Case(Shape(n, k, d_main), "layer", fused + LAYER_PEERS + extra,
-                          mode="bf16"))
-    cases.append(Case(Shape(n, k_mid, d_main), "layer", fused + LAYER_PEERS, mode="fp32"))
-    cases.append(Case(big, "fwd", fused, mode="bf16", memory_check=True,
-                      note="the reference would need "
-                           f"{big.n * big.k * 4 / 2**30:.0f} GiB for its fp32 distance matrix"))
+    head = Shape(n, ks[-1], d_main)
+    big_note = ("the reference would need "
+                f"{big.n * big.k * 4 / 2**30:.0f} GiB for its fp32 distance matrix")
+    others_fwd = [*(Shape(n, k, d_main) for k in ks[:-1]),
+                  *(Shape(n, k_mid, d) for d in ds_other)]
+    cases = [Case(head, "fwd", fused + CUBLAS, mode="bf16"),
+             Case(big, "fwd", fused, mode="bf16", memory_check=True, note=big_note),
+             Case(head, "fwd", KERNEL_PEERS, mode="bf16"),
+             Case(big, "fwd", KERNEL_PEERS, mode="bf16")]
+    cases += [Case(s, "fwd", fused + CUBLAS, mode="bf16") for s in others_fwd]
+    cases += [Case(Shape(n, k_mid, d_main), "fwd", fused + CUBLAS, mode=m)
+              for m in ("tf32", "fp32")]  # fp32 inputs: tf32 and exact products
+    layer_ks = tuple(dict.fromkeys((k_mid, ks[-1])))  # the training step (fwd + bwd)
+    cases += [Case(Shape(n, k, d_main), "layer", fused, mode="bf16") for k in layer_ks]
+    cases.append(Case(Shape(n, k_mid, d_main), "layer", fused, mode="fp32"))
+    cases += [Case(s, "fwd", KERNEL_PEERS, mode="bf16") for s in others_fwd]
+    cases += [Case(s, "fwd", BF16_PEERS if s.d == d_main else ("reference",), mode="bf16")
+              for s in [head, *others_fwd]]
+    cases += [Case(Shape(n, k_mid, d_main), "fwd", FP32_PEERS, mode=m)
+              for m in ("tf32", "fp32")]
+    cases += [Case(Shape(n, k, d_main), "layer",
+                   LAYER_PEERS + (("chunked", "vq-pytorch-rot") if k == k_mid else ()),
+                   mode="bf16") for k in layer_ks]
+    cases.append(Case(Shape(n, k_mid, d_main), "layer", LAYER_PEERS, mode="fp32"))
     return tuple(cases)
 
 
@@ -252,9 +274,14 @@ DRY_DEFAULTS = (("quiet_wait", 0.0), ("contention_retries", 0), ("repeat", 2),
 def dry_run_note(device) -> Optional[str]:
     if torch.device(device).type == "cuda":
         return None
+    from .gpu_peers import stand_ins_on
+
+    peers = ("flash-kmeans and flashlib run as CPU stand-ins with their real call "
+             "signatures (benchmarks/gpu/standins); other GPU-only peers are skipped"
+             if stand_ins_on() else "GPU-only peers are skipped")
     return ("dry run on the CPU: tiny shapes; 'cpu' (and 'triton' under TRITON_INTERPRET=1) "
-            "stand in for the GPU backends; GPU-only peers are skipped. Timings mean "
-            "nothing here; the run checks the logic.")
+            f"stand in for the GPU backends; {peers}. Timings mean nothing here; the run "
+            "checks the logic.")
 
 
 def _register() -> None:

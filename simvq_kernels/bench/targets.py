@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 CPU_CEILING_TARGET = 0.85  # of the cache-resident tile's GFLOP/s, side by side
 GPU_CEILING_TARGET = 0.60  # of cuBLAS 8192^3 bf16, at d >= 128
 ENCODE_TARGET = 1.25  # encode's time over the bare search over a precomputed codebook
-GPU_PEERS = ("cdist", "flash-kmeans", "faiss-gpu")
+GPU_PEERS = ("cdist", "flash-kmeans", "flashlib", "faiss-gpu")
 
 
 def _verdict(ok: bool) -> str:
