@@ -476,6 +476,7 @@ def test_cuda_path_traces_into_triton_kernels(monkeypatch):
     import simvq_kernels.triton.nearest_code as nc
     import simvq_kernels.triton.quantize_backward as qb
     monkeypatch.setattr(nc, "num_sms", lambda device: 132)
+    monkeypatch.setattr(nc, "gpu_arch", lambda device: "sm_90")
     monkeypatch.setattr(qb, "num_sms", lambda device: 132)
     # without a GPU driver, the mutation analysis falls back to "every input is
     # mutated" (correct, merely conservative) and logs a warning
