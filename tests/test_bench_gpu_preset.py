@@ -27,6 +27,7 @@ def test_gpu_preset_covers_the_acceptance_shapes():
     assert p.device == "cuda" and p.dry_run == "gpu-dry" and not p.hidden
     sw = p.sweep
     assert (sw.n, sw.ks, sw.ds) == (16384, (1024, 16384, 262144), (32, 128, 512))
+    assert 0 < sw.budget <= 240  # leaves the timed rows their time in a 10-minute call
     assert set(sw.modes) == {"bf16", "tf32", "fp32"} and sw.layer
     ops = {(c.op, c.mode) for c in p.cases}
     assert {("fwd", "bf16"), ("fwd", "tf32"), ("fwd", "fp32"), ("layer", "bf16"),
@@ -236,6 +237,28 @@ def test_sweep_catches_wrong_picks_and_gradients(monkeypatch):
     (target,) = res.targets()
     assert target[2] == "MISSED" and target[1] == "0/2 checks"
     assert "FAIL cpu fwd fp32" in res.text() and "**FAIL**" in res.markdown()
+
+
+def test_sweep_runs_k_by_k_within_its_budget(monkeypatch):
+    """Every backend's small-K part runs before any large-K part, and no part starts
+    once the budget is spent: those are reported as not run, not as failures."""
+    from simvq_kernels.bench import child
+
+    calls, clock = [], [0.0]
+
+    def fake_child(spec, timeout):
+        calls.append((spec["provider"], spec["sweep"]["ks"][0]))
+        clock[0] += 10.0  # each part takes 10 s
+        return {"status": "ok", "records": []}
+
+    monkeypatch.setattr(child, "run_in_child", fake_child)
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: clock[0])
+    sw = gpu.Sweep(n=8, ks=(7, 33, 99), ds=(4,), modes=("fp32",), rows=4, budget=25.0)
+    res = sw.run(["cpu", "triton"], "cpu", case_timeout=60.0)
+    assert calls == [("cpu", 7), ("triton", 7), ("cpu", 33)]
+    assert res.errors == [] and res.backends == ["cpu", "triton"]
+    assert len(res.skipped) == 3 and "triton K=33: not run" in res.skipped[0]
+    assert "Not run:" in res.markdown() and "not run" in res.text()
 
 
 def test_sweep_under_the_triton_interpreter(tmp_path):
