@@ -8,7 +8,7 @@ undoes). The interpreter checks index arithmetic, masks, splits and merges, not 
 compiler: tests/test_kernels_report.py compiles every configuration for sm_90a/sm_80.
 
 The interpreter pays per operation, so shapes cover the edges (N in {0, 1, 17, 333,
-2049}, K in {1, 7, 1000, 4099}, d in {1, 3, 64, 129}) without the full product.
+2049}, K in {1, 7, 1000, 4099}, d in {1, 3, 64, 100, 128, 129}) without the full product.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from simvq_kernels.backends import BackendUnavailableError
 from simvq_kernels.triton import ops as tops
 from simvq_kernels.triton.common import SPLIT_K_ENV, cfg
 from simvq_kernels.triton.nearest_code import (TABLES, interpreter_uses_dot,
-                                               nearest_code_triton, table_configs)
+                                               nearest_code_triton, search_config,
+                                               table_configs)
 from simvq_kernels.triton.quantize_backward import quantize_backward_triton
 
 
@@ -70,8 +71,10 @@ NEAREST_CASES = [
     (17, 7, 3, torch.float32, "high"),
     (333, 1000, 64, torch.float32, "high"),
     (1, 4099, 129, torch.float32, "high"),
+    (70, 300, 128, torch.float32, "high"),
     (17, 7, 3, torch.bfloat16, "highest"),
     (333, 1000, 64, torch.bfloat16, "highest"),
+    (333, 1000, 100, torch.bfloat16, "highest"),
     (2049, 7, 129, torch.bfloat16, "highest"),
     (1, 4099, 1, torch.bfloat16, "highest"),
     (0, 1, 64, torch.bfloat16, "highest"),
@@ -223,6 +226,13 @@ def _edge_shape(c):
     b = c.constexprs()
     d = max(1, b["BLOCK_D"] - 3) if b["SINGLE_D"] else 2 * b["BLOCK_D"] + 5
     return b["BLOCK_N"] + 3, 5 * b["BLOCK_K"] + 7, d
+
+
+def test_interpreter_tiles_fit_its_plain_sum_path():
+    """The interpreter's own tiles run plain sums (exact duplicates tie) at every d."""
+    for d in (1, 16, 17, 64, 65, 100, 128, 129, 512):
+        c = search_config(d, torch.float32, "ieee", interpreted=True)
+        assert not interpreter_uses_dot(c), (d, c.label())
 
 
 @pytest.mark.parametrize("arch,kind,config", GPU_CONFIGS,

@@ -308,9 +308,11 @@ def search_config(d: int, dtype: torch.dtype, precision: str, interpreted: bool,
                   n: int = 0, k: int = 0, arch: str = "sm_90") -> Config:
     """The tile configuration for a search of N = ``n`` tokens, K = ``k`` codes of width
     ``d`` (fixed rule, no autotuning)."""
-    if interpreted:  # the interpreter: few, large tiles (its cost is per operation)
-        bd = max(16, min(next_pow2(d), 128))
-        return cfg(BLOCK_N=64, BLOCK_K=256, BLOCK_D=bd if d <= 128 else 64, SINGLE_D=d <= 128)
+    if interpreted:  # the interpreter: few, large tiles (its cost is per operation),
+        # whose plain-sum product stays within its tensor limit (exact duplicates tie)
+        bd = max(16, min(next_pow2(d), 128)) if d <= 128 else 64
+        bk = min(256, INTERPRETER_MAX_ELEMENTS // (64 * bd))
+        return cfg(BLOCK_N=64, BLOCK_K=bk, BLOCK_D=bd, SINGLE_D=d <= 128)
     for row in gpu_config_table(dtype, precision, arch):
         if row.holds(n, k, d):
             return row.config
