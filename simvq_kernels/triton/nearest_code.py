@@ -161,6 +161,9 @@ nearest_code_kernel = kernel(_nearest_code_kernel)
 #   architecture are shrunk, and say so in their comment.
 # - exact fp32 products ("highest") run on CUDA cores, which flash-kmeans never does:
 #   small tiles, unchanged.
+# The sm_80 tables serve every compute capability 8.x: each row needs at most 99 KiB of
+# shared memory (the most an sm_86 / sm_89 block can have), which the AOT test checks.
+# Compute capability 9 and above takes the sm_90 tables.
 
 _N_SMALL = 65535  # flash-kmeans' "N < 65536" rule: BLOCK_N 64 on Hopper
 
