@@ -245,6 +245,10 @@ def test_every_gpu_tile_configuration(arch, kind, config, matmul_precision):
     distances, and random inputs must pass design.md §3. Configurations whose plain-sum
     product exceeds the interpreter's tensor limit run with tl.dot (numpy.matmul),
     which is exact on these integers too."""
+    _check_configuration(arch, kind, config, matmul_precision, "cpu")
+
+
+def _check_configuration(arch, kind, config, matmul_precision, device):
     dtype, prec = _KIND_DTYPE[kind]
     matmul_precision(prec)
     n, k, d = _edge_shape(config)
@@ -260,15 +264,18 @@ def test_every_gpu_tile_configuration(arch, kind, config, matmul_precision):
     o_idx, o_dist = oracle.oracle_nearest64(z, q)
     assert o_idx[:4].tolist() == [3, 3, bk + 5, 0]
     for splits in (1, 3):
-        idx, dist = nearest_code_triton(z, q, config=config, splits=splits)
+        idx, dist = nearest_code_triton(z.to(device), q.to(device), config=config,
+                                        splits=splits)
+        idx, dist = idx.cpu(), dist.cpu()
         bad = idx != o_idx
         assert not bool(bad.any()), (splits, interpreter_uses_dot(config), idx[bad],
                                      o_idx[bad])
         assert torch.equal(dist.double(), o_dist), splits
     zr = torch.randn(n, d, generator=g).to(dtype)
     qr = (1.5 * torch.randn(k, d, generator=g)).to(dtype)
-    idx, dist = nearest_code_triton(zr, qr, config=config, splits=3)
-    oracle.check_nearest(zr, qr, idx, dist, _u(dtype, prec), what=f"{arch} {kind}")
+    idx, dist = nearest_code_triton(zr.to(device), qr.to(device), config=config, splits=3)
+    oracle.check_nearest(zr, qr, idx.cpu(), dist.cpu(), _u(dtype, prec),
+                         what=f"{arch} {kind} {config.label()}")
 
 
 # ------------------------------------------------------------------------- split-K
@@ -554,6 +561,42 @@ def test_cuda_nearest_code(n, k, d, dtype, prec, matmul_precision, compiled_trit
     rows = oracle.sample_rows(n, 256)
     oracle.check_nearest(z.cpu()[rows], q.cpu(), idx.cpu()[rows], dist.cpu()[rows],
                          _u(dtype, prec), what=f"cuda {dtype} {prec}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch,kind,config", GPU_CONFIGS,
+                         ids=[f"{a}-{k}-{c.label().replace(' ', '-')}"
+                              for a, k, c in GPU_CONFIGS])
+def test_cuda_every_tile_configuration_of_this_gpu(arch, kind, config, matmul_precision,
+                                                  compiled_triton):
+    """The interpreter's test of every tile configuration, compiled for this GPU: the
+    rows of its architecture's tables on edge shapes, splits 1 and 3, exact ties."""
+    from simvq_kernels.triton.nearest_code import gpu_arch
+
+    if arch != gpu_arch(torch.device("cuda")):
+        pytest.skip(f"a {arch} row; this GPU takes the {gpu_arch(torch.device('cuda'))} "
+                    "tables")
+    _check_configuration(arch, kind, config, matmul_precision, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,prec", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                        (torch.float32, "high"), (torch.float32, "highest")])
+def test_cuda_backward_index_out_of_range_gives_nan(dtype, prec, matmul_precision,
+                                                    compiled_triton):
+    """The out-of-range contract on the device (the 'cuda' backend's): NaN gradients,
+    no out-of-bounds read (compute-sanitizer's memcheck runs this file in run.sh)."""
+    matmul_precision(prec)
+    g = _gen("cuda-bwd-range", str(dtype))
+    n, k, d, r = 3000, 50, 128, 64
+    basis = torch.randn(k, r, generator=g).to(dtype).cuda()
+    grad = torch.randn(n, d, generator=g).to(dtype).cuda()
+    weight = torch.randn(d, r, generator=g).to(dtype).cuda()
+    for bad in (-1, k, 2**40):
+        idx = torch.randint(0, k, (n,), generator=g)
+        idx[n // 3] = bad
+        dw, db = quantize_backward_triton(grad, basis, idx.cuda(), weight)
+        assert bool(torch.isnan(dw).all() and torch.isnan(db).all()), bad
 
 
 @needs_cuda
