@@ -157,8 +157,9 @@ nearest_code_kernel = kernel(_nearest_code_kernel)
 #   d = 512 with BLOCK_K 32 and 2 stages, measured by the AOT check), so there
 #   d > 128 streams d in 64-column chunks with the A100 rows' BLOCK_N / BLOCK_K /
 #   warps / stages.
-# - rows that would not compile without spills or beyond shared memory on the target
-#   architecture are shrunk, and say so in their comment.
+# - d > 512 takes one row per table: flash-kmeans' split-D rows for D = 2048 and above
+#   (fp16/bf16, K <= 16384: BLOCK_N 64, BLOCK_D 128; fp32: BLOCK_N 128, BLOCK_D 32,
+#   8 warps) are not taken; its D = 1024 rows are.
 # - exact fp32 products ("highest") run on CUDA cores, which flash-kmeans never does:
 #   small tiles, unchanged.
 # The sm_80 tables serve every compute capability 8.x: each row needs at most 99 KiB of
@@ -256,7 +257,9 @@ SM80_TC = (
     TableRow(512, None, None, _loop(64, 128, 32, 4, 2)),
     TableRow(None, None, None, _loop(32, 64, 32, 4, 2)),
 )
-# sm_80, tf32 products: the A100 rows with fp32 operands (twice the bytes of a tile).
+# sm_80, tf32 products: the A100 rows with fp32 operands (twice the bytes of a tile);
+# for 128 < d <= 512 one row, 32-column d chunks (flash-kmeans too shrinks its fp32
+# tiles on A100 to fit shared memory), in place of its three D = 256 rows.
 SM80_TF32 = (
     TableRow(16, None, None, _whole(16, 128, 32, 4, 2)),
     TableRow(32, None, None, _whole(32, 128, 32, 4, 2)),
