@@ -52,6 +52,8 @@ def test_info_kernels_compiles_every_config_for_hopper_and_ampere():
         regs, spill, smem = int(rest[0]), int(rest[1]), int(rest[2])
         assert 0 < regs <= 255 and spill == 0 and 0 <= smem <= b.shared_limit, row
         assert row[-1] == "ok", row
+        if b.arch == "sm_80":  # the sm_80 tables also fit sm_86 / sm_89 (99 KiB a block)
+            assert smem <= 99 * 1024, row
         if b.tensor_core:
             op = "HGMMA" if b.arch == "sm_90a" else "HMMA"
             assert op in rest[3], f"no {op} in {row}"
@@ -59,23 +61,57 @@ def test_info_kernels_compiles_every_config_for_hopper_and_ampere():
 
 
 def test_every_launcher_choice_is_built():
-    built = {(b.kernel, b.dtype, b.config.split(" ", 1)[-1] if b.kernel == "nearest_code"
-              else b.config) for b in aot.builds()}
-    for d in list(range(1, 300)) + [511, 512, 513, 1024, 4096]:
+    """Whatever the shape, the search's choice on each architecture is a build for that
+    architecture, and a whole-d tile holds d."""
+    built = {(b.kernel, b.arch, b.dtype, b.config) for b in aot.builds()}
+    ns = (1, 17, 4096, 65535, 65536, 65537, 262144, 262145, 2**24)
+    ks = (1, 7, 256, 257, 1023, 1024, 1025, 16384, 16385, 65535, 65536, 65537, 262144)
+    ds = list(range(1, 300)) + [511, 512, 513, 1024, 2048, 4096]
+    for arch, sass_arch in (("sm_90", "sm_90a"), ("sm_80", "sm_80")):
         for dtype, label, prec in ((torch.bfloat16, "bf16", "ieee"),
                                    (torch.float16, "fp16", "ieee"),
                                    (torch.float32, "fp32-tf32", "tf32"),
                                    (torch.float32, "fp32-ieee", "ieee")):
-            c = search_config(d, dtype, prec, interpreted=False)
-            assert ("nearest_code", label, c.label()) in built, (d, label, c.label())
-            if c.constexprs()["SINGLE_D"]:
-                assert d <= c.constexprs()["BLOCK_D"]
-    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
-                         (torch.float32, "fp32")):
-        assert ("project", label, project_config(False, dtype).label()) in built
-        assert ("row_sqnorm", label, sqnorm_config(False).label()) in built
-        low = dtype != torch.float32
-        assert ("gather_gemm_tn", label, backward_config(False, low).label()) in built
+            for d in ds:
+                for n in ns:
+                    for k in ks:
+                        c = search_config(d, dtype, prec, interpreted=False, n=n, k=k,
+                                          arch=arch)
+                        assert ("nearest_code", sass_arch, label, c.label()) in built, \
+                            (arch, label, n, k, d, c.label())
+                        if c.constexprs()["SINGLE_D"]:
+                            assert d <= c.constexprs()["BLOCK_D"]
+    for arch in ("sm_90a", "sm_80"):
+        for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                             (torch.float32, "fp32")):
+            assert ("project", arch, label, project_config(False, dtype).label()) in built
+            assert ("row_sqnorm", arch, label, sqnorm_config(False).label()) in built
+            low = dtype != torch.float32
+            assert ("gather_gemm_tn", arch, label,
+                    backward_config(False, low).label()) in built
+
+
+def test_tile_tables_follow_the_published_rows():
+    """Spot checks of the rows seeded from flash-kmeans' per-GPU heuristics (cited in
+    simvq_kernels/triton/nearest_code.py)."""
+    def pick(n, k, d, dtype=torch.bfloat16, prec="ieee", arch="sm_90"):
+        c = search_config(d, dtype, prec, interpreted=False, n=n, k=k, arch=arch)
+        b = c.constexprs()
+        return b["BLOCK_N"], b["BLOCK_K"], c.num_warps, c.num_stages
+    # H100 bf16: BLOCK_N 64 below N = 65536; d = 128, 1024 < K <= 65536: 128, 8 warps, 2
+    assert pick(16384, 16384, 128) == (64, 128, 8, 2)
+    assert pick(65536, 16384, 128) == (128, 128, 8, 2)
+    # d <= 64, 16384 < K <= 65536: BLOCK_K 128, 4 warps, 4 stages
+    assert pick(262144, 65536, 64) == (128, 128, 4, 4)
+    # d = 128, K > 65536 (the headline shapes): BLOCK_K 64, 4 warps, 4 stages
+    assert pick(16384, 262144, 128) == (64, 64, 4, 4)
+    assert pick(262144, 262144, 128) == (128, 64, 4, 4)
+    # A100: BLOCK_N 128, BLOCK_K 32, 4 warps, 2 stages; d = 128, N <= 65536: BLOCK_K 64
+    assert pick(16384, 16384, 64, arch="sm_80") == (128, 32, 4, 2)
+    assert pick(16384, 16384, 128, arch="sm_80") == (128, 64, 4, 2)
+    assert pick(262144, 16384, 128, arch="sm_80") == (128, 32, 4, 2)
+    # H200 fp32 (tf32 products), d <= 64, 256 < K <= 65536: 128 x 128, 8 warps, 2 stages
+    assert pick(16384, 4096, 64, torch.float32, "tf32") == (128, 128, 8, 2)
 
 
 def test_sass_reads_a_triton_cubin():

@@ -8,7 +8,7 @@ undoes). The interpreter checks index arithmetic, masks, splits and merges, not 
 compiler: tests/test_kernels_report.py compiles every configuration for sm_90a/sm_80.
 
 The interpreter pays per operation, so shapes cover the edges (N in {0, 1, 17, 333,
-2049}, K in {1, 7, 1000, 4099}, d in {1, 3, 64, 129}) without the full product.
+2049}, K in {1, 7, 1000, 4099}, d in {1, 3, 64, 100, 128, 129}) without the full product.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ import simvq_kernels as sk
 from simvq_kernels.backends import BackendUnavailableError
 from simvq_kernels.triton import ops as tops
 from simvq_kernels.triton.common import SPLIT_K_ENV, cfg
-from simvq_kernels.triton.nearest_code import nearest_code_triton
+from simvq_kernels.triton.nearest_code import (TABLES, interpreter_uses_dot,
+                                               nearest_code_triton, search_config,
+                                               table_configs)
 from simvq_kernels.triton.quantize_backward import quantize_backward_triton
 
 
@@ -69,8 +71,10 @@ NEAREST_CASES = [
     (17, 7, 3, torch.float32, "high"),
     (333, 1000, 64, torch.float32, "high"),
     (1, 4099, 129, torch.float32, "high"),
+    (70, 300, 128, torch.float32, "high"),
     (17, 7, 3, torch.bfloat16, "highest"),
     (333, 1000, 64, torch.bfloat16, "highest"),
+    (333, 1000, 100, torch.bfloat16, "highest"),
     (2049, 7, 129, torch.bfloat16, "highest"),
     (1, 4099, 1, torch.bfloat16, "highest"),
     (0, 1, 64, torch.bfloat16, "highest"),
@@ -194,6 +198,86 @@ def test_duplicate_basis_rows_in_quantize():
                           expect_idx=torch.tensor([3, 3, 10, 3, 10]))
 
 
+# ------------------------------------------- every configuration a GPU would pick
+
+def _gpu_configs():
+    """Every distinct configuration of every tile table (a table shared by both
+    architectures once), with the dtype and matmul precision that pick it."""
+    seen, out = set(), []
+    for (arch, kind), table in TABLES.items():
+        for c in table_configs(table):
+            if (kind, c) in seen:
+                continue
+            seen.add((kind, c))
+            out.append((arch, kind, c))
+    return out
+
+
+GPU_CONFIGS = _gpu_configs()
+_KIND_DTYPE = {"tc": (torch.bfloat16, "highest"), "tf32": (torch.float32, "high"),
+               "ieee": (torch.float32, "highest")}
+
+
+def _edge_shape(c):
+    """N, K, d that divide none of the configuration's tiles: two token tiles (the last
+    with 3 rows), six code tiles (the last with 7 codes: three splits of two tiles when
+    3 are asked for), and for a whole-d tile d = BLOCK_D - 3, for a d loop three chunks
+    (the last with 5 columns)."""
+    b = c.constexprs()
+    d = max(1, b["BLOCK_D"] - 3) if b["SINGLE_D"] else 2 * b["BLOCK_D"] + 5
+    return b["BLOCK_N"] + 3, 5 * b["BLOCK_K"] + 7, d
+
+
+def test_interpreter_tiles_fit_its_plain_sum_path():
+    """The interpreter's own tiles run plain sums (exact duplicates tie) at every d."""
+    for d in (1, 16, 17, 64, 65, 100, 128, 129, 512):
+        c = search_config(d, torch.float32, "ieee", interpreted=True)
+        assert not interpreter_uses_dot(c), (d, c.label())
+
+
+@pytest.mark.parametrize("arch,kind,config", GPU_CONFIGS,
+                         ids=[f"{a}-{k}-{c.label().replace(' ', '-')}"
+                              for a, k, c in GPU_CONFIGS])
+def test_every_gpu_tile_configuration(arch, kind, config, matmul_precision):
+    """Each configuration of the GPU tile tables, run by the interpreter on edge shapes
+    with splits 1 and 3: small-integer inputs (every distance exact in every dtype, so
+    exact duplicates and ties abound) must give the oracle's lowest index and exact
+    distances, and random inputs must pass design.md §3. Configurations whose plain-sum
+    product exceeds the interpreter's tensor limit run with tl.dot (numpy.matmul),
+    which is exact on these integers too."""
+    _check_configuration(arch, kind, config, matmul_precision, "cpu")
+
+
+def _check_configuration(arch, kind, config, matmul_precision, device):
+    dtype, prec = _KIND_DTYPE[kind]
+    matmul_precision(prec)
+    n, k, d = _edge_shape(config)
+    bk = config.constexprs()["BLOCK_K"]
+    g = _gen("gpu-config", arch, kind, config.label())
+    q = torch.randint(-2, 3, (k, d), generator=g).to(dtype)
+    # exact duplicates in the last code tile and in other splits, tokens sitting on them
+    for src, dst in ((3, k - 1), (3, 2 * bk + 1), (bk + 5, 4 * bk + 2), (0, k - 4)):
+        q[dst] = q[src]
+    z = torch.randint(-2, 3, (n, d), generator=g).to(dtype)
+    z[:4] = q[[k - 1, 2 * bk + 1, 4 * bk + 2, k - 4]]
+    z[-3:] = q[[3, bk + 5, 0]]  # the last, partial token tile
+    o_idx, o_dist = oracle.oracle_nearest64(z, q)
+    assert o_idx[:4].tolist() == [3, 3, bk + 5, 0]
+    for splits in (1, 3):
+        idx, dist = nearest_code_triton(z.to(device), q.to(device), config=config,
+                                        splits=splits)
+        idx, dist = idx.cpu(), dist.cpu()
+        bad = idx != o_idx
+        assert not bool(bad.any()), (splits, interpreter_uses_dot(config), idx[bad],
+                                     o_idx[bad])
+        assert torch.equal(dist.double(), o_dist), splits
+    zr = torch.randn(n, d, generator=g).to(dtype)
+    qr = (1.5 * torch.randn(k, d, generator=g)).to(dtype)
+    idx, dist = nearest_code_triton(zr.to(device), qr.to(device), config=config, splits=3)
+    oracle.check_nearest(zr, qr, idx.cpu(), dist.cpu(), _u(dtype, prec),
+                         what=f"{arch} {kind} {config.label()}")
+
+
 # ------------------------------------------------------------------------- split-K
 
 @pytest.mark.parametrize("forced", ["1", "3", "64"])
@@ -287,6 +371,31 @@ def test_quantize_backward(n, k, d, r, dtype):
         dw, db = quantize_backward_triton(grad, basis, idx, weight, splits=splits)
         assert dw.dtype == weight.dtype and db.dtype == weight.dtype
         oracle.check_grads(dw, db, basis, weight, torch.zeros(d, dtype=dtype), idx, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_index_out_of_range_gives_nan(dtype):
+    """The 'cuda' backend's contract: an index outside [0, K) makes grad_weight and
+    grad_bias NaN (never a finite wrong value), without reading outside the basis.
+    The basis is a view in the middle of a larger buffer whose neighbours are huge:
+    a gather past either end would give a finite, wrong gradient or an inf."""
+    g = _gen("bwd-range", str(dtype))
+    n, k, d, r = 50, 9, 5, 6
+    store = torch.full((3 * k, r), 1e30).to(dtype)
+    basis = store[k:2 * k]
+    basis.copy_(torch.randn(k, r, generator=g).to(dtype))
+    grad = torch.randn(n, d, generator=g).to(dtype)
+    weight = torch.randn(d, r, generator=g).to(dtype)
+    good = torch.randint(0, k, (n,), generator=g)
+    dw, db = quantize_backward_triton(grad, basis, good, weight)
+    assert bool(torch.isfinite(dw).all() and torch.isfinite(db).all())
+    for bad in (-1, k, k + 3, -k, 2**40):
+        idx = good.clone()
+        idx[n // 2] = bad
+        for splits in (1, 3):
+            dw, db = quantize_backward_triton(grad, basis, idx, weight, splits=splits)
+            assert bool(torch.isnan(dw).all()), (bad, splits, dw)
+            assert bool(torch.isnan(db).all()), (bad, splits, db)
 
 
 # ----------------------------------------------------------------- the SimVQ layer
@@ -384,6 +493,7 @@ def test_cuda_path_traces_into_triton_kernels(monkeypatch):
     import simvq_kernels.triton.nearest_code as nc
     import simvq_kernels.triton.quantize_backward as qb
     monkeypatch.setattr(nc, "num_sms", lambda device: 132)
+    monkeypatch.setattr(nc, "gpu_arch", lambda device: "sm_90")
     monkeypatch.setattr(qb, "num_sms", lambda device: 132)
     # without a GPU driver, the mutation analysis falls back to "every input is
     # mutated" (correct, merely conservative) and logs a warning
@@ -451,6 +561,42 @@ def test_cuda_nearest_code(n, k, d, dtype, prec, matmul_precision, compiled_trit
     rows = oracle.sample_rows(n, 256)
     oracle.check_nearest(z.cpu()[rows], q.cpu(), idx.cpu()[rows], dist.cpu()[rows],
                          _u(dtype, prec), what=f"cuda {dtype} {prec}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch,kind,config", GPU_CONFIGS,
+                         ids=[f"{a}-{k}-{c.label().replace(' ', '-')}"
+                              for a, k, c in GPU_CONFIGS])
+def test_cuda_every_tile_configuration_of_this_gpu(arch, kind, config, matmul_precision,
+                                                  compiled_triton):
+    """The interpreter's test of every tile configuration, compiled for this GPU: the
+    rows of its architecture's tables on edge shapes, splits 1 and 3, exact ties."""
+    from simvq_kernels.triton.nearest_code import gpu_arch
+
+    if arch != gpu_arch(torch.device("cuda")):
+        pytest.skip(f"a {arch} row; this GPU takes the {gpu_arch(torch.device('cuda'))} "
+                    "tables")
+    _check_configuration(arch, kind, config, matmul_precision, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,prec", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                        (torch.float32, "high"), (torch.float32, "highest")])
+def test_cuda_backward_index_out_of_range_gives_nan(dtype, prec, matmul_precision,
+                                                    compiled_triton):
+    """The out-of-range contract on the device (the 'cuda' backend's): NaN gradients,
+    no out-of-bounds read (compute-sanitizer's memcheck runs this file in run.sh)."""
+    matmul_precision(prec)
+    g = _gen("cuda-bwd-range", str(dtype))
+    n, k, d, r = 3000, 50, 128, 64
+    basis = torch.randn(k, r, generator=g).to(dtype).cuda()
+    grad = torch.randn(n, d, generator=g).to(dtype).cuda()
+    weight = torch.randn(d, r, generator=g).to(dtype).cuda()
+    for bad in (-1, k, 2**40):
+        idx = torch.randint(0, k, (n,), generator=g)
+        idx[n // 3] = bad
+        dw, db = quantize_backward_triton(grad, basis, idx.cuda(), weight)
+        assert bool(torch.isnan(dw).all() and torch.isnan(db).all()), bad
 
 
 @needs_cuda

@@ -3,9 +3,14 @@
 #
 #   build     pip install --no-build-isolation --no-deps -e .  (CUDA kernels for this GPU's
 #             architecture only, to keep the build short)
-#   bench     python -m simvq_kernels.bench --preset gpu --out $OUT  (accuracy sweep of every
-#             GPU backend vs the float64 oracle, timings vs peers and ceilings, the
-#             262144 x 262144 x 128 bf16 case with peak memory)
+#   bench     python -m simvq_kernels.bench --preset gpu --out $OUT, in this order: the
+#             accuracy sweep of every GPU backend vs the float64 oracle; the headline
+#             shapes (16384 x 262144 x 128 and 262144 x 262144 x 128 bf16, the latter
+#             with peak memory) for our backends and cuBLAS, then for flash-kmeans and
+#             flashlib; our other rows; the peers' other rows. Rows still to start 40 s
+#             before the stage's limit are skipped, so the reports are always written.
+#             Then the side-by-side TFLOP/s table (ours, cuBLAS, flash-kmeans, flashlib)
+#             is appended to gpu.md and to this log.
 #   tests     pytest of the GPU test files (tests/test_gpu*.py, tests/test_cuda*.py,
 #             tests/test_triton*.py)
 #   sanitize  compute-sanitizer memcheck and racecheck over benchmarks/gpu/sanitize_ops.py
@@ -16,9 +21,11 @@
 #                each stage gets min(its cap, what is left), the bench at least its floor
 #   OUT=dir      where everything goes (the device tool sets it; default ./gpu-out)
 #   DRY_RUN=1    the CPU-side logic only (CI): no build, the bench's --dry-run on tiny
-#                shapes with CPU stand-ins, GPU tests and sanitizer skipped without a GPU
-# Wheels carried in .whl/ (e.g. flash-kmeans, which the device machine lacks) are
-# installed first into /tmp/site (see benchmarks/README.md).
+#                shapes with CPU stand-ins (for the GPU backends, and for flash-kmeans and
+#                flashlib those of benchmarks/gpu/standins), GPU tests and sanitizer
+#                skipped without a GPU
+# Wheels carried in .whl/ (flash-kmeans and flashlib, which the device machine lacks,
+# fetched by benchmarks/gpu/fetch_wheels.sh) are installed first into /tmp/site.
 #
 # Files under $OUT (at most 8, for the device tool): run.log (this script's log and the
 # summary), build.log, tests.log, sanitizer.log, gpu.md, gpu.csv, gpu.png,
@@ -146,9 +153,13 @@ for stage in "${STAGES[@]}"; do
     bench)
         if [ "$DRY_RUN" = 1 ]; then
             t=$(limit "$CAP_BENCH")
+            # the peers' stand-ins: same import paths and calls, computed on the CPU
             run_stage bench "$t" "$LOG" \
+                env SIMVQ_BENCH_PEER_STAND_INS=1 \
+                PYTHONPATH="$PWD/benchmarks/gpu/standins${PYTHONPATH:+:$PYTHONPATH}" \
                 "$PY" -m simvq_kernels.bench --preset gpu --dry-run --out "$OUT" --no-progress \
-                --backends "${DRY_BACKENDS:-cpu,reference}" --peers "${DRY_PEERS:-none}" \
+                --backends "${DRY_BACKENDS:-cpu,reference}" \
+                --peers "${DRY_PEERS:-flash-kmeans,flashlib}" \
                 --deadline $((t > 80 ? t - 40 : t / 2))
             # the dry run writes gpu-dry.*; name them like the real run's
             for f in "$OUT"/gpu-dry*; do
@@ -163,6 +174,13 @@ for stage in "${STAGES[@]}"; do
             run_stage bench "$t" "$LOG" \
                 "$PY" -m simvq_kernels.bench --preset gpu --out "$OUT" --no-progress \
                 --deadline $((t > 80 ? t - 40 : t / 2))
+        fi
+        # the GPU kernels side by side (TFLOP/s), appended to gpu.md
+        if [ -f "$OUT/gpu.csv" ]; then
+            env SIMVQ_BENCH_PEER_STAND_INS="$DRY_RUN" "$PY" -m simvq_kernels.bench.gpu_summary \
+                "$OUT/gpu.csv" >"$OUT/.side-by-side.md" 2>>"$LOG" &&
+                { echo; cat "$OUT/.side-by-side.md"; } >>"$OUT/gpu.md"
+            rm -f "$OUT/.side-by-side.md"
         fi
         ;;
     tests)
@@ -207,8 +225,12 @@ done
     done
     if [ -f "$OUT/gpu.md" ]; then
         echo
+        echo "--- GPU kernels side by side (from gpu.md)"
+        sed -n '/^## GPU kernels side by side/,/^flash-kmeans 0/p' "$OUT/gpu.md" | grep -E '^\|' | head -20
+        echo
         echo "--- targets (from gpu.md)"
-        sed -n '/^## Targets/,$p' "$OUT/gpu.md" | grep -E '^\|' | grep -v -- '---' | head -60
+        sed -n '/^## Targets/,/^## GPU kernels side by side/p' "$OUT/gpu.md" | grep -E '^\|' |
+            grep -v -- '---' | head -60
     fi
 } | tee -a "$LOG"
 exit $fail

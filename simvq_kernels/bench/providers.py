@@ -297,22 +297,6 @@ def _matmul(op: str, inp: Inputs) -> Runner:
     return Runner(run_mm, lambda o: {"na": "same-shape matrix product (a ceiling, no search)"})
 
 
-def _flash_kmeans(op: str, inp: Inputs) -> Runner:
-    """flash-kmeans' Triton assignment kernel (nearest centroid, indices only); the token
-    norms it takes as input are computed inside the timed call, as part of the search."""
-    try:
-        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
-    except ImportError as e:
-        raise NotAvailable(f"flash-kmeans has no Triton assignment kernel here ({e})")
-    x, c = inp.z[None], inp.codebook[None]
-    out = torch.empty(1, x.shape[1], dtype=torch.int32, device=x.device)
-
-    def run_fk():
-        x_sq = x.float().pow(2).sum(-1)
-        return euclid_assign_triton(x, c, x_sq, out)
-    return Runner(run_fk, lambda o: {"idx": o[0].long(), "dist": None})
-
-
 def _faiss_gpu(op: str, inp: Inputs) -> Runner:
     """faiss' brute-force GPU k-NN (k = 1) on torch tensors: no index to build, as the
     codebook changes every training step."""
@@ -333,12 +317,12 @@ def _faiss_gpu(op: str, inp: Inputs) -> Runner:
 register(Provider("matmul", "peer", ("fwd",), _matmul, devices=("cuda",),
                   device_note="the same-shape product is a ceiling on CUDA only (on CPU the "
                   "ceiling is a cache-resident tile)", materialising=True))
-register(Provider("flash-kmeans", "peer", ("fwd",), _flash_kmeans, module="flash_kmeans",
-                  pip="flash-kmeans", devices=("cuda",), modes=("tf32", "bf16", "fp16"),
-                  device_note="flash-kmeans runs on CUDA only"))
 register(Provider("faiss-gpu", "peer", ("fwd",), _faiss_gpu, module="faiss",
                   pip="faiss-gpu-cu12", devices=("cuda",), modes=("fp32",),
                   device_note="faiss-gpu runs on CUDA only"))
+
+# the GPU kernels that set the bar (flash-kmeans, flashlib): their own module
+from . import gpu_peers  # noqa: E402,F401
 
 
 # ------------------------------------------------------------- derived name lists

@@ -19,7 +19,7 @@ FAISS_TARGETS = ((64, 1.2), (None, 1.0))
 LAYER_SEARCH_TARGET = 1.2
 GPU_CEILING_TARGET = 0.60  # of cuBLAS 8192^3 bf16, at d >= 128
 ENCODE_TARGET = 1.25  # encode's time over the bare search over a precomputed codebook
-GPU_PEERS = ("cdist", "flash-kmeans", "faiss-gpu")
+GPU_PEERS = ("cdist", "flash-kmeans", "flashlib", "faiss-gpu")
 
 
 def _verdict(ok: bool) -> str:

@@ -2,7 +2,8 @@
 
 ``builds()`` lists each kernel x dtype x tile configuration that a launcher can pick
 (the fixed rules in nearest_code.py, prologue.py, quantize_backward.py) for sm_90a
-(Hopper) and sm_80 (Ampere); ``compile_build()`` compiles one with
+(Hopper) and sm_80 (Ampere) -- for the search, every row of that architecture's tile
+tables (nearest_code.TABLES); ``compile_build()`` compiles one with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and reads the
 cubin with ``simvq_kernels.sass``: registers, local memory (spills), shared memory and
 the tensor-core instructions in the SASS. ``python -m simvq_kernels.info --kernels``
@@ -25,12 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import sass
-from .nearest_code import (_IEEE_CONFIGS, _TC_CONFIGS, _TF32_CONFIGS, nearest_code_kernel)
+from .nearest_code import TABLES, nearest_code_kernel, table_configs
 from .prologue import project_config, project_kernel, row_sqnorm_kernel, sqnorm_config
 from .quantize_backward import backward_config, gather_gemm_kernel
 
-# (compute capability, SASS arch name, max dynamic shared memory per block in bytes)
+# (compute capability, SASS arch name, max dynamic shared memory per block in bytes,
+#  the search's tile tables for it: nearest_code.TABLES)
 ARCHS = ((90, "sm_90a", 232448), (80, "sm_80", 166912))
+_TABLE_ARCH = {90: "sm_90", 80: "sm_80"}
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -77,14 +80,16 @@ def _aligned(names, sig):
     return tuple(names)
 
 
-def _search_builds():
+def _search_builds(cc: int):
+    """Every distinct configuration of the search's tile tables for ``cc``, per dtype."""
+    arch = _TABLE_ARCH[cc]
     rows = []
-    plans = [(torch.bfloat16, "bf16", "ieee", _TC_CONFIGS, True),
-             (torch.float16, "fp16", "ieee", _TC_CONFIGS, True),
-             (torch.float32, "fp32-tf32", "tf32", _TF32_CONFIGS, True),
-             (torch.float32, "fp32-ieee", "ieee", _IEEE_CONFIGS, False)]
-    for dtype, label, prec, table, tc in plans:
-        for max_d, c in table:
+    plans = [(torch.bfloat16, "bf16", "ieee", "tc", True),
+             (torch.float16, "fp16", "ieee", "tc", True),
+             (torch.float32, "fp32-tf32", "tf32", "tf32", True),
+             (torch.float32, "fp32-ieee", "ieee", "ieee", False)]
+    for dtype, label, prec, kind, tc in plans:
+        for c in table_configs(TABLES[(arch, kind)]):
             p = _PTR[dtype]
             sig = {"Z": p, "Q": p, "QN": "*fp32", "OUT_VAL": "*fp32", "OUT_IDX": "*i32",
                    "N": "i32", "K": "i32", "D": "i32", "k_per_split": "i32",
@@ -93,8 +98,7 @@ def _search_builds():
             ce = dict(stride_zd=1, stride_qd=1, INPUT_PRECISION=prec, UPCAST=False,
                       USE_DOT=True, **c.constexprs())
             sig.update({k: "constexpr" for k in ce if k not in sig})
-            where = f"d<={max_d}" if max_d else "d>128" if tc else "d>16"
-            rows.append(Build("nearest_code", label, f"{where} {c.label()}", tc, sig, ce,
+            rows.append(Build("nearest_code", label, c.label(), tc, sig, ce,
                               _aligned(["Z", "Q", "QN", "OUT_VAL", "OUT_IDX"], sig),
                               {"num_warps": c.num_warps, "num_stages": c.num_stages}))
     return rows
@@ -140,7 +144,7 @@ def _backward_builds():
         c = backward_config(False, low)
         p = _PTR[dtype]
         sig = {"G": p, "B": p, "IDX": "*i64", "OUT": "*fp32", "N": "i32", "D": "i32",
-               "R": "i32", "n_per_split": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
+               "R": "i32", "K": "i32", "n_per_split": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
                "stride_bk": "i32", "stride_br": "constexpr"}
         ce = dict(stride_gd=1, stride_br=1, UPCAST=not low, USE_DOT=True, **c.constexprs())
         sig.update({k: "constexpr" for k in ce if k not in sig})
@@ -151,10 +155,12 @@ def _backward_builds():
 
 
 def builds(archs=ARCHS) -> list[Build]:
-    """Every (kernel, dtype, configuration) the launchers can choose, for each arch."""
+    """Every (kernel, dtype, configuration) the launchers can choose, for each arch (the
+    search: its tile table for that arch)."""
     out = []
     for cc, name, limit in archs:
-        for b in _search_builds() + _project_builds() + _sqnorm_builds() + _backward_builds():
+        for b in (_search_builds(cc) + _project_builds() + _sqnorm_builds()
+                  + _backward_builds()):
             b.cc, b.arch, b.shared_limit = cc, name, limit
             out.append(b)
     return out

@@ -29,6 +29,9 @@ multiplied by a stride (N x d passes 2^31 elements at 16.7M tokens x 128).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -109,46 +112,230 @@ def _nearest_code_kernel(
 
 nearest_code_kernel = kernel(_nearest_code_kernel)
 
-# Tensor-core path (bf16, fp16, tf32) on a GPU, by d class: (max d, config).
-# d <= 128 keeps the token tile on chip (SINGLE_D); larger d streams d in chunks.
-_TC_CONFIGS = (
-    (16, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
-    (32, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, SINGLE_D=True)),
-    (64, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, SINGLE_D=True)),
-    (128, cfg(num_warps=8, num_stages=3, BLOCK_N=128, BLOCK_K=128, BLOCK_D=128, SINGLE_D=True)),
-    (None, cfg(num_warps=8, num_stages=3, BLOCK_N=128, BLOCK_K=128, BLOCK_D=64, SINGLE_D=False)),
-)
-# tf32 operands are twice as wide: fewer pipeline stages / narrower code chunks.
-_TF32_CONFIGS = (
-    (16, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
-    (32, cfg(num_warps=4, num_stages=3, BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, SINGLE_D=True)),
-    (64, cfg(num_warps=4, num_stages=2, BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, SINGLE_D=True)),
-    (128, cfg(num_warps=8, num_stages=2, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128, SINGLE_D=True)),
-    (None, cfg(num_warps=8, num_stages=2, BLOCK_N=128, BLOCK_K=128, BLOCK_D=32, SINGLE_D=False)),
-)
-# Exact fp32 products ("highest"): CUDA-core FMAs, small tiles.
-_IEEE_CONFIGS = (
-    (16, cfg(num_warps=4, num_stages=2, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, SINGLE_D=True)),
-    (None, cfg(num_warps=4, num_stages=2, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, SINGLE_D=False)),
-)
+# ------------------------------------------------------------------ tile tables
+#
+# One fixed table per GPU architecture and product type; a launch takes the first row
+# whose bounds hold (d <= max_d, K <= max_k, N <= max_n; None = no bound). Nothing is
+# timed at run time (no autotuning), and simvq_kernels/triton/aot.py compiles every row
+# for its architecture (``python -m simvq_kernels.info --kernels``: no spills, shared
+# memory within the architecture's limit, tensor-core instructions present).
+#
+# Seeded from flash-kmeans' published per-GPU heuristics (flash-kmeans 0.3.1,
+# flash_kmeans/assign_euclid_triton.py, svg-project/flash-kmeans on GitHub), whose
+# assignment kernel has this kernel's structure (token tile on chip, code chunks
+# streamed, running argmin, fp32 accumulation). The facts taken from it:
+#
+# H100, fp16/bf16, D <= 512 (its whole-D kernel), BLOCK_N 128, and 64 when N < 65536:
+#   D <= 64:  K <= 16384: BLOCK_K 64, 4 warps, 2 stages; 16384 < K <= 65536: BLOCK_K
+#             128, 4 warps, 4 stages; K > 65536: BLOCK_K 64, 4 warps, 4 stages.
+#   D = 128:  K <= 1024: BLOCK_K 64, 4 warps, 1 stage; 1024 < K <= 65536: BLOCK_K 128,
+#             8 warps, 2 stages; K > 65536: BLOCK_K 64, 4 warps, 4 stages.
+#   D = 256:  BLOCK_K 64, 1 stage; 8 warps for K <= 1024 and K > 16384, else 4.
+#   D >= 512: BLOCK_K 64, 8 warps, 1 stage.
+# H100, fp16/bf16, D > 512 (its split-D kernel): BLOCK_N 128, BLOCK_K 128, BLOCK_D 64,
+#   8 warps, 4 stages (BLOCK_N 64 and 4 warps when K <= 256).
+# H200, fp32 inputs (tl.dot's default tf32 products), whole D, BLOCK_N 128:
+#   D <= 64:  K <= 256: BLOCK_K 64, 4 warps, 1 stage; K <= 65536: BLOCK_K 128, 8 warps,
+#             2 stages; larger K: BLOCK_K 64, 4 warps, 4 stages.
+#   D <= 128: BLOCK_K 64, 1 stage; 4 warps for 256 < K <= 16384, else 8.
+#   D <= 256: BLOCK_K 64, 8 warps, 1 stage.  D <= 512: BLOCK_N 64, BLOCK_K 32, 4 warps,
+#             1 stage.
+# H100, fp32, D > 512: BLOCK_N 64, BLOCK_K 128, BLOCK_D 64, 4 warps, 4 stages below
+#   D = 2048 (BLOCK_N 128, BLOCK_K 128, BLOCK_D 32, 8 warps above).
+# A100, every dtype, whole D: BLOCK_N 128, BLOCK_K 32, 4 warps, 2 stages; D = 128 with
+#   N <= 65536: BLOCK_K 64; D = 256: BLOCK_K 32 and 4 stages when K >= 65536, BLOCK_K 64
+#   and 4 stages when 1024 <= K and N <= 262144. D > 512: BLOCK_N 64, BLOCK_K 32,
+#   BLOCK_D 32, 4 warps, 2 stages. (fp32 tiles there are shrunk to fit shared memory.)
+#
+# Where this kernel departs from those rows, and why:
+# - d <= 16 and d <= 32 are classes of their own (the token tile is padded to BLOCK_D,
+#   and tl.dot needs BLOCK_D >= 16); flash-kmeans published no data below D = 64, so
+#   each takes one row: the D <= 64 row of mid-size K.
+# - flash-kmeans keeps the whole D on chip up to D = 512 (padded to a power of two);
+#   so does this kernel on sm_90. On sm_80 its A100 rows with a whole-d tile of 256 or
+#   512 columns exceed the 163 KiB of shared memory per block (196,608 bytes for
+#   d = 512 with BLOCK_K 32 and 2 stages, measured by the AOT check), so there
+#   d > 128 streams d in 64-column chunks with the A100 rows' BLOCK_N / BLOCK_K /
+#   warps / stages.
+# - d > 512 takes one row per table: flash-kmeans' split-D rows for D = 2048 and above
+#   (fp16/bf16, K <= 16384: BLOCK_N 64, BLOCK_D 128; fp32: BLOCK_N 128, BLOCK_D 32,
+#   8 warps) are not taken; its D = 1024 rows are.
+# - exact fp32 products ("highest") run on CUDA cores, which flash-kmeans never does:
+#   small tiles, unchanged.
+# The sm_80 tables serve every compute capability 8.x: each row needs at most 99 KiB of
+# shared memory (the most an sm_86 / sm_89 block can have), which the AOT test checks.
+# Compute capability 9 and above takes the sm_90 tables.
+
+_N_SMALL = 65535  # flash-kmeans' "N < 65536" rule: BLOCK_N 64 on Hopper
 
 
-def gpu_config_table(dtype: torch.dtype, precision: str):
-    """The (max d, Config) rows the GPU launcher chooses from for this dtype/precision."""
+@dataclass(frozen=True)
+class TableRow:
+    """A row of a tile table: the configuration for d <= max_d, K <= max_k and
+    N <= max_n (None = no bound)."""
+    max_d: int | None
+    max_k: int | None
+    max_n: int | None
+    config: Config
+
+    def holds(self, n: int, k: int, d: int) -> bool:
+        return all(b is None or x <= b for x, b in ((d, self.max_d), (k, self.max_k),
+                                                    (n, self.max_n)))
+
+    def bounds(self) -> str:
+        """e.g. "d<=128 K<=65536 N<=65535" (the bounds that are set)."""
+        parts = [f"{name}<={b}" for name, b in (("d", self.max_d), ("K", self.max_k),
+                                                 ("N", self.max_n)) if b is not None]
+        return " ".join(parts) or "any"
+
+
+def _whole(bd, bn, bk, w, s):
+    return cfg(num_warps=w, num_stages=s, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, SINGLE_D=True)
+
+
+def _loop(bd, bn, bk, w, s):
+    return cfg(num_warps=w, num_stages=s, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, SINGLE_D=False)
+
+
+def _n_split(max_d, max_k, make, bk, w, s):
+    """Two rows: BLOCK_N 64 for N < 65536, BLOCK_N 128 above (flash-kmeans, Hopper)."""
+    return (TableRow(max_d, max_k, _N_SMALL, make(64, bk, w, s)),
+            TableRow(max_d, max_k, None, make(128, bk, w, s)))
+
+
+def _w(bd):
+    return lambda bn, bk, w, s: _whole(bd, bn, bk, w, s)
+
+
+def _l(bd):
+    return lambda bn, bk, w, s: _loop(bd, bn, bk, w, s)
+
+
+# sm_90 (H100, H200), bf16 / fp16 products: flash-kmeans' H100 fp16/bf16 rows.
+SM90_TC = (
+    *_n_split(16, None, _w(16), 64, 4, 2),
+    *_n_split(32, None, _w(32), 64, 4, 2),
+    *_n_split(64, 16384, _w(64), 64, 4, 2),
+    *_n_split(64, 65536, _w(64), 128, 4, 4),
+    *_n_split(64, None, _w(64), 64, 4, 4),
+    *_n_split(128, 1024, _w(128), 64, 4, 1),
+    *_n_split(128, 65536, _w(128), 128, 8, 2),
+    *_n_split(128, None, _w(128), 64, 4, 4),
+    *_n_split(256, 1024, _w(256), 64, 8, 1),
+    *_n_split(256, 16384, _w(256), 64, 4, 1),
+    *_n_split(256, None, _w(256), 64, 8, 1),
+    *_n_split(512, None, _w(512), 64, 8, 1),
+    TableRow(None, 256, None, _loop(64, 64, 128, 4, 4)),
+    TableRow(None, None, None, _loop(64, 128, 128, 8, 4)),
+)
+# sm_90, tf32 products (fp32 inputs, matmul precision "high"): flash-kmeans' H200 fp32
+# rows (it has no H100 fp32 whole-D table), and its H100 fp32 split-D rows.
+SM90_TF32 = (
+    TableRow(16, None, None, _whole(16, 128, 128, 8, 2)),
+    TableRow(32, None, None, _whole(32, 128, 128, 8, 2)),
+    TableRow(64, 256, None, _whole(64, 128, 64, 4, 1)),
+    TableRow(64, 65536, None, _whole(64, 128, 128, 8, 2)),
+    TableRow(64, None, None, _whole(64, 128, 64, 4, 4)),
+    TableRow(128, 256, None, _whole(128, 128, 64, 8, 1)),
+    TableRow(128, 16384, None, _whole(128, 128, 64, 4, 1)),
+    TableRow(128, None, None, _whole(128, 128, 64, 8, 1)),
+    TableRow(256, None, None, _whole(256, 128, 64, 8, 1)),
+    TableRow(512, None, None, _whole(512, 64, 32, 4, 1)),
+    TableRow(None, None, None, _loop(64, 64, 128, 4, 4)),
+)
+# sm_80 (A100), bf16 / fp16 products: flash-kmeans' A100 rows.
+SM80_TC = (
+    TableRow(16, None, None, _whole(16, 128, 32, 4, 2)),
+    TableRow(32, None, None, _whole(32, 128, 32, 4, 2)),
+    TableRow(64, None, None, _whole(64, 128, 32, 4, 2)),
+    TableRow(128, None, 65536, _whole(128, 128, 64, 4, 2)),
+    TableRow(128, None, None, _whole(128, 128, 32, 4, 2)),
+    TableRow(256, 1023, None, _loop(64, 128, 32, 4, 2)),
+    TableRow(256, 65535, 262144, _loop(64, 128, 64, 4, 4)),
+    TableRow(256, 65535, None, _loop(64, 128, 32, 4, 2)),
+    TableRow(256, None, None, _loop(64, 128, 32, 4, 4)),
+    TableRow(512, None, None, _loop(64, 128, 32, 4, 2)),
+    TableRow(None, None, None, _loop(32, 64, 32, 4, 2)),
+)
+# sm_80, tf32 products: the A100 rows with fp32 operands (twice the bytes of a tile);
+# for 128 < d <= 512 one row, 32-column d chunks (flash-kmeans too shrinks its fp32
+# tiles on A100 to fit shared memory), in place of its three D = 256 rows.
+SM80_TF32 = (
+    TableRow(16, None, None, _whole(16, 128, 32, 4, 2)),
+    TableRow(32, None, None, _whole(32, 128, 32, 4, 2)),
+    TableRow(64, None, None, _whole(64, 128, 32, 4, 2)),
+    TableRow(128, None, 65536, _whole(128, 128, 64, 4, 2)),
+    TableRow(128, None, None, _whole(128, 128, 32, 4, 2)),
+    TableRow(512, None, None, _loop(32, 128, 32, 4, 2)),
+    TableRow(None, None, None, _loop(32, 64, 32, 4, 2)),
+)
+# Exact fp32 products ("highest"), both architectures: CUDA-core FMAs, small tiles.
+IEEE = (
+    TableRow(16, None, None, _whole(16, 64, 64, 4, 2)),
+    TableRow(None, None, None, _loop(16, 64, 64, 4, 2)),
+)
+
+ARCHS = ("sm_90", "sm_80")
+TABLES = {
+    ("sm_90", "tc"): SM90_TC, ("sm_90", "tf32"): SM90_TF32, ("sm_90", "ieee"): IEEE,
+    ("sm_80", "tc"): SM80_TC, ("sm_80", "tf32"): SM80_TF32, ("sm_80", "ieee"): IEEE,
+}
+
+
+def product_kind(dtype: torch.dtype, precision: str) -> str:
+    """Which table serves a search: "tc" (bf16/fp16), "tf32" or "ieee" (fp32 inputs)."""
     if dtype == torch.float32:
-        return _IEEE_CONFIGS if precision == "ieee" else _TF32_CONFIGS
-    return _TC_CONFIGS
+        return "ieee" if precision == "ieee" else "tf32"
+    return "tc"
 
 
-def search_config(d: int, dtype: torch.dtype, precision: str, interpreted: bool) -> Config:
-    """The tile configuration for a search of width ``d`` (fixed rule, no autotuning)."""
-    if interpreted:  # the interpreter: few, large tiles (its cost is per operation)
-        bd = max(16, min(next_pow2(d), 128))
-        return cfg(BLOCK_N=64, BLOCK_K=256, BLOCK_D=bd if d <= 128 else 64, SINGLE_D=d <= 128)
-    for max_d, c in gpu_config_table(dtype, precision):
-        if max_d is None or d <= max_d:
-            return c
-    raise AssertionError("unreachable: the last row has no bound")
+def gpu_arch(device: torch.device) -> str:
+    """The table a CUDA device takes: "sm_90" from compute capability 9 on, else "sm_80"."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "sm_90" if _capability(index)[0] >= 9 else "sm_80"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):  # queried once per device, never during graph capture
+    return torch.cuda.get_device_capability(index)
+
+
+def gpu_config_table(dtype: torch.dtype, precision: str, arch: str = "sm_90") -> tuple:
+    """The rows the GPU launcher chooses from for this dtype/precision on ``arch``."""
+    return TABLES[(arch, product_kind(dtype, precision))]
+
+
+def table_configs(table) -> list:
+    """The distinct configurations of a table, in row order."""
+    return list(dict.fromkeys(r.config for r in table))
+
+
+def search_config(d: int, dtype: torch.dtype, precision: str, interpreted: bool, *,
+                  n: int = 0, k: int = 0, arch: str = "sm_90") -> Config:
+    """The tile configuration for a search of N = ``n`` tokens, K = ``k`` codes of width
+    ``d`` (fixed rule, no autotuning)."""
+    if interpreted:  # the interpreter: few, large tiles (its cost is per operation),
+        # whose plain-sum product stays within its tensor limit (exact duplicates tie)
+        bd = max(16, min(next_pow2(d), 128)) if d <= 128 else 64
+        bk = min(256, INTERPRETER_MAX_ELEMENTS // (64 * bd))
+        return cfg(BLOCK_N=64, BLOCK_K=bk, BLOCK_D=bd, SINGLE_D=d <= 128)
+    for row in gpu_config_table(dtype, precision, arch):
+        if row.holds(n, k, d):
+            return row.config
+    raise AssertionError("unreachable: the last row of every table has no bound")
+
+
+# The interpreter's largest tensor (numpy arrays beyond it are refused): the plain-sum
+# product of a tile is BLOCK_N x BLOCK_D x BLOCK_K elements.
+INTERPRETER_MAX_ELEMENTS = 1 << 20
+
+
+def interpreter_uses_dot(c: Config) -> bool:
+    """Under the interpreter, a configuration runs plain sums (exact duplicates tie,
+    see the module docstring) unless its 3-D product exceeds the interpreter's tensor
+    limit; then tl.dot (numpy.matmul) runs it."""
+    b = c.constexprs()
+    return b["BLOCK_N"] * b["BLOCK_D"] * b["BLOCK_K"] > INTERPRETER_MAX_ELEMENTS
 
 
 def choose_splits(n_tiles: int, k_tiles: int, device: torch.device,
@@ -164,11 +351,13 @@ def choose_splits(n_tiles: int, k_tiles: int, device: torch.device,
 
 
 def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Tensor | None
-                        = None, config: Config | None = None, splits: int | None = None):
+                        = None, config: Config | None = None, splits: int | None = None,
+                        use_dot: bool | None = None):
     """z (N, d), codebook (K, d) (same float dtype, any strides) -> (idx int64 (N,),
     dist fp32 (N,)). ``qn``: ||codebook||^2 if the caller has it (computed from the
-    values that enter the product). ``config``/``splits`` override the fixed rules
-    (tests). Inputs are validated by the caller (K >= 1, K < 2^31, finite)."""
+    values that enter the product). ``config``/``splits`` override the fixed rules,
+    ``use_dot`` the interpreter's choice of tl.dot (tests; always tl.dot on a GPU).
+    Inputs are validated by the caller (K >= 1, K < 2^31, finite)."""
     n, d = z.shape
     k = codebook.shape[0]
     dev = z.device
@@ -186,7 +375,8 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
         # every product err by at most u = 2^-11 per operand, as design.md §3 assumes.
         # The interpreter multiplies these tf32 values exactly, like the tensor cores.
         zs, qs = round_to_tf32(z), round_to_tf32(codebook)
-    c = config or search_config(d, z.dtype, prec, interpreted)
+    c = config or search_config(d, z.dtype, prec, interpreted, n=n, k=k,
+                                arch="" if interpreted else gpu_arch(dev))
     blocks = c.constexprs()
     if blocks["SINGLE_D"] and d > blocks["BLOCK_D"]:
         raise ValueError(f"configuration {c.label()} holds d <= {blocks['BLOCK_D']}, not {d}")
@@ -195,6 +385,10 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
     s = choose_splits(n_tiles, k_tiles, dev, splits)
     k_per_split = triton.cdiv(k_tiles, s) * blocks["BLOCK_K"]
     s = triton.cdiv(k, k_per_split)
+    if not interpreted:
+        use_dot = True
+    elif use_dot is None:
+        use_dot = interpreter_uses_dot(c)
     val = torch.empty((s, n), dtype=torch.float32, device=dev)
     idx = torch.empty((s, n), dtype=torch.int32, device=dev)
     launch(nearest_code_kernel, (n_tiles, s),
@@ -205,7 +399,7 @@ def nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, *, qn: torch.Te
            UPCAST=(interpreted and z.dtype != torch.float32),
            # the interpreter's tl.dot is numpy.matmul, whose BLAS may round a column
            # differently by its position in the tile: exact duplicates would not tie
-           USE_DOT=not interpreted,
+           USE_DOT=use_dot,
            device=dev, **blocks, **c.launch_options(dev))
     if s > 1:
         first = torch.argmin(val, dim=0, keepdim=True)  # first minimum: lowest split

@@ -1,0 +1,1 @@
+"""Stand-in (see benchmarks/gpu/standins/README.md)."""
