@@ -662,12 +662,12 @@ class SimVQ(nn.Module):
         return zq, q.indices, q.distances, q.backend
 
     def _trains_fused(self, flat) -> bool:
-        """Whether the training forward of ``flat`` (N, d) may run as one
+        """Whether the training forward of the tokens ``flat`` (..., d) may run as one
         ``ops.quantize_train`` step: a plain linear projection whose parameters want
         gradients, float32 / float64 tokens of the parameters' dtype, no autocast, not
         inside torch.compile (which fuses the plain formulas itself), N > 0."""
         return (self._linear and not self._use_cache() and not torch.compiler.is_compiling()
-                and flat.shape[0] > 0 and flat.dtype in (torch.float32, torch.float64)
+                and flat.numel() > 0 and flat.dtype in (torch.float32, torch.float64)
                 and flat.dtype == self.weight.dtype == self.basis.dtype
                 and autocast_compute_dtype(flat) is None)
 
@@ -706,37 +706,52 @@ class SimVQ(nn.Module):
                 return_distances: bool = False):
         x = self._channel_last(z)
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.dim)
         m = _flat_mask(mask, lead, z)
-        # padded rows are zeroed before anything reads them (their values, even NaN,
-        # must reach neither the search, nor the loss, nor a gradient)
-        flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
-        if m is None and not self.rotation_trick and self._trains_fused(flat_s):
-            # the plain training step: quantiser, estimator and losses in one op
-            self._codebook_cache = self._codebook_map_cache = None
-            step = ops.quantize_train(flat_s, self.basis, self.weight, self.bias,
-                                      backend=self.backend,
-                                      duplicate_map=self._duplicate_map(self.basis))
-            out, idx, dist, backend = step.out, step.indices, step.distances, step.backend
-            loss = (_weighted_loss(step.commit, step.codebook, self.beta, self.legacy)
-                    * self.commitment_weight)
+        if m is None and not self.rotation_trick and self._trains_fused(x):
+            out, idx, dist, loss = self._fused_step(z, x)
         else:
+            flat = x.reshape(-1, self.dim)
+            # padded rows are zeroed before anything reads them (their values, even NaN,
+            # must reach neither the search, nor the loss, nor a gradient)
+            flat_s = flat if m is None else torch.where(m[:, None], flat, flat.new_zeros(()))
             zq, idx, dist, backend = self._search(flat_s.detach())
+            self.last_backend = backend
             loss = self._loss(flat_s, zq, m)
             out = self._estimator(flat_s, zq)
-        self.last_backend = backend
-        self._count(idx, m)
-        if m is not None:
-            out = torch.where(m[:, None], out, flat)
-            idx = torch.where(m, idx, idx.new_full((), -1))
-            dist = torch.where(m, dist, dist.new_zeros(()))
-        out = out.reshape(*lead, self.dim)
-        if self.channel_first:
-            out = out.movedim(-1, 1).contiguous()
+            self._count(idx, m)
+            if m is not None:
+                out = torch.where(m[:, None], out, flat)
+                idx = torch.where(m, idx, idx.new_full((), -1))
+                dist = torch.where(m, dist, dist.new_zeros(()))
+            out = out.reshape(*lead, self.dim)
+            if self.channel_first:
+                out = out.movedim(-1, 1).contiguous()
         indices = idx.reshape(lead)
         if return_distances:
             return out, indices, loss, dist.reshape(lead)
         return out, indices, loss
+
+    def _fused_step(self, z, x):
+        """The plain training step (see ``_trains_fused``): quantiser, estimator and
+        losses in one ``ops.quantize_train`` call, on the channel-first layout in place
+        (B, dim, T) when the layer is channel-first. Returns (out in z's layout,
+        indices (N,), distances (N,), loss)."""
+        # the parameters are about to change: a cached codebook would only hold memory
+        self._codebook_cache = self._codebook_map_cache = None
+        common = dict(backend=self.backend, duplicate_map=self._duplicate_map(self.basis))
+        if self.channel_first:
+            step = ops.quantize_train(z.reshape(z.shape[0], self.dim, -1), self.basis,
+                                      self.weight, self.bias, channel_first=True, **common)
+            out = step.out.reshape(z.shape)
+        else:
+            step = ops.quantize_train(x.reshape(-1, self.dim), self.basis, self.weight,
+                                      self.bias, **common)
+            out = step.out.reshape(x.shape)
+        self.last_backend = step.backend
+        self._count(step.indices, None)
+        loss = (_weighted_loss(step.commit, step.codebook, self.beta, self.legacy)
+                * self.commitment_weight)
+        return out, step.indices, step.distances, loss
 
     def _encode_flat(self, flat):
         """Indices of the tokens (N, d), no gradient, no side effects but the backend

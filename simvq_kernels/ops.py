@@ -294,17 +294,27 @@ class TrainOutput(NamedTuple):
 
 
 def quantize_train(z, basis, weight, bias=None, backend="auto", *, check_finite=None,
-                   duplicate_map=None) -> TrainOutput:
+                   duplicate_map=None, channel_first=False) -> TrainOutput:
     """What a SimVQ layer's training forward needs from the quantiser, for float32 /
-    float64 tokens z (N, d) with basis, weight, bias of z's dtype: the straight-through
-    output ``out = z + sg(zq - z)`` and the two commitment losses
-    (``commit = mean((sg(zq) - z)^2)``, gradient to z; ``codebook =
-    mean((zq - sg(z))^2)``, gradient to weight and bias through zq), with the indices
-    and distances of :func:`quantize`. A backend with a fused training step (the
-    ``cpu`` backend) runs it in one call forward and one backward with no N x d
-    temporary; the others run :func:`quantize` and :func:`straight_through_with_losses`.
-    Same values either way, up to the rounding of the sums."""
-    _validate.check_quantize(z, basis, weight, bias)
+    float64 tokens with basis, weight, bias of their dtype: the straight-through output
+    ``out = z + sg(zq - z)`` and the two commitment losses (``commit =
+    mean((sg(zq) - z)^2)``, gradient to z; ``codebook = mean((zq - sg(z))^2)``, gradient
+    to weight and bias through zq), with the indices and distances of :func:`quantize`.
+
+    z is (N, d), or with ``channel_first=True`` (B, d, T) (token n = b T + t; ``out``
+    comes back in that layout, indices (B T,)). A backend with a fused training step
+    (the ``cpu`` backend) runs it in one call forward and one backward with no N x d
+    temporary, reading and writing the channel-first layout in place; the others run
+    :func:`quantize` and :func:`straight_through_with_losses` on the channel-last
+    tokens. Same values either way, up to the rounding of the sums."""
+    if channel_first:
+        if not isinstance(z, torch.Tensor) or z.dim() != 3:
+            raise ValueError("channel_first=True expects `z` of shape (B, d, T), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
+        tokens = z[:, :, 0] if z.shape[2] else z.new_empty(z.shape[:2])  # (B, d): a view
+        _validate.check_quantize(tokens, basis, weight, bias)
+    else:
+        _validate.check_quantize(z, basis, weight, bias)
     if duplicate_map is not None:
         _validate.check_duplicate_map(duplicate_map, basis, "basis")
     maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
@@ -315,14 +325,18 @@ def quantize_train(z, basis, weight, bias=None, backend="auto", *, check_finite=
     if maxima:
         code_bound = (basis.shape[1] * maxima["basis"] * maxima["weight"]
                       + maxima.get("bias", 0.0))
-        wide = _validate.needs_float64(z.dtype, z.shape[1], max(maxima["z"], code_bound))
-    if (fused.has_train_step and not _compiling() and not wide and z.shape[0] > 0
+        wide = _validate.needs_float64(z.dtype, weight.shape[0],
+                                       max(maxima["z"], code_bound))
+    if (fused.has_train_step and not _compiling() and not wide and z.numel() > 0
             and z.dtype in (torch.float32, torch.float64)):
         out, commit, code, idx, dist = _FusedTrainStep.apply(z, weight, bias, basis, fused)
         return TrainOutput(out, commit, code, idx, dist.to(_dist_dtype(z.dtype)), name)
-    q = quantize(z.detach(), basis, weight, bias, name, check_finite=False,
+    x = z.movedim(1, -1).reshape(-1, z.shape[1]) if channel_first else z
+    q = quantize(x.detach(), basis, weight, bias, name, check_finite=False,
                  duplicate_map=duplicate_map)
-    out, commit, code = straight_through_with_losses(z, q.zq.to(z.dtype))
+    out, commit, code = straight_through_with_losses(x, q.zq.to(z.dtype))
+    if channel_first:
+        out = out.reshape(z.shape[0], z.shape[2], z.shape[1]).movedim(-1, 1).contiguous()
     return TrainOutput(out, commit, code, q.indices, q.distances, name)
 
 

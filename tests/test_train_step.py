@@ -175,3 +175,66 @@ def test_train_ops_name_bad_arguments():
         torch.ops.simvq.quantize_train_backward(z[:5], z, basis, codebook, idx, 1.0, 1.0)
     with pytest.raises(RuntimeError, match="`codebook`"):
         torch.ops.simvq.quantize_train_backward(z, z, basis, codebook[:5], idx, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 20, 1500), (5, 20), (4, 20, 2, 3, 5)])
+def test_fused_step_channel_first(dtype, tol, shape):
+    """Channel-first tokens (B, d, ...) go through the fused step in place: the same
+    indices, output layout and values as the channel-last step on the moved tokens."""
+    layer = _layer(20, 300, dtype, channel_first=True)
+    g = torch.Generator().manual_seed(len(shape))
+    z = torch.randn(shape, generator=g).to(dtype)
+    up = torch.randn(shape, generator=g).to(dtype)
+    out, idx, loss, dz, dw, db = _step(layer, z, up)
+    assert layer.last_backend == "cpu" and out.shape == z.shape
+    assert idx.shape == (shape[0], *shape[2:])
+    zl = z.movedim(1, -1)
+    o_out, o_loss, o_dz, o_dw, o_db = _oracle(layer, zl, up.movedim(1, -1), idx)
+    q = ops.quantize(zl.reshape(-1, 20), layer.basis, layer.weight.detach(),
+                     layer.bias.detach(), backend="cpu")
+    assert torch.equal(idx.reshape(-1), q.indices)
+    assert _rel(out.movedim(1, -1).reshape(-1, 20), o_out) < tol
+    assert abs(loss.item() - o_loss.item()) <= tol * o_loss.item()
+    assert _rel(dz.movedim(1, -1).reshape(-1, 20), o_dz) < tol
+    assert _rel(dw, o_dw) < tol and _rel(db, o_db) < tol
+
+
+def test_fused_step_channel_first_non_contiguous_input():
+    layer = _layer(16, 200, torch.float32, channel_first=True)
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(4, 30, 16, generator=g)
+    z = base.transpose(1, 2)  # (4, 16, 30), not contiguous
+    up = torch.randn(4, 16, 30, generator=g)
+    out, idx, loss, dz, dw, db = _step(layer, z, up)
+    ref = _step(layer, z.contiguous(), up)
+    for a, b in zip((out, idx, loss, dz, dw, db), ref):
+        assert torch.equal(a, b)
+
+
+def test_quantize_train_channel_first_matches_composed():
+    """ops.quantize_train(channel_first=True): the fused op and the composed path (the
+    cpu backend with its fused step switched off) agree."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 12, 700, generator=g)
+    basis = torch.randn(90, 10, generator=g) * 10 ** -0.5
+    w = torch.randn(12, 10, generator=g).requires_grad_(True)
+    b = torch.randn(12, generator=g).requires_grad_(True)
+    up = torch.randn(3, 12, 700, generator=g)
+    results = []
+    for fused in (True, False):
+        BACKENDS["cpu"].__class__.has_train_step = fused
+        try:
+            x = z.clone().requires_grad_(True)
+            w.grad = b.grad = None
+            step = ops.quantize_train(x, basis, w, b, backend="cpu", channel_first=True)
+            assert step.out.shape == z.shape and step.indices.shape == (3 * 700,)
+            (step.commit + 0.5 * step.codebook + (step.out * up).sum()).backward()
+            results.append((step.out.detach(), step.indices, x.grad, w.grad.clone(),
+                            b.grad.clone()))
+        finally:
+            BACKENDS["cpu"].__class__.has_train_step = True
+    (o1, i1, dz1, dw1, db1), (o2, i2, dz2, dw2, db2) = results
+    assert torch.equal(i1, i2)
+    for a, c in ((o1, o2), (dz1, dz2), (dw1, dw2), (db1, db2)):
+        assert _rel(a, c.double()) < 1e-5

@@ -1033,30 +1033,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
 //   dW = codebook_scale sum_n (Q[idx_n] - z_n) basis[idx_n]^T, db = codebook_scale
 //   sum_n (Q[idx_n] - z_n), i.e. quantize_backward of g = codebook_scale (zq - z), with
 //   the difference formed per chunk in a per-thread buffer (no N x d temporary).
+// Tokens come channel-last, z (N, d), or channel-first, z (B, d, T) with token
+// n = b T + t (an image or audio layer's layout, read and written in place: no
+// transposed copies around the op); out, d_out and dz have z's layout.
 // Both reduce over fixed chunks of kBwdChunk tokens in chunk order (double partials):
 // the same bits for any thread count and ISA. float32 / float64 tokens only.
 void check_train_tokens(const at::Tensor& z, const at::Tensor& basis) {
   SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
+  SIMVQ_CHECK(z.dim() == 2 || z.dim() == 3,
+              "`z` must be (N, d) or channel-first (B, d, T), got shape ", z.sizes());
   SIMVQ_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "quantize_train takes float32 or float64 `z`, got ", z.scalar_type());
   SIMVQ_CHECK(basis.scalar_type() == z.scalar_type(), "`basis` must have `z`'s dtype ",
               z.scalar_type(), ", got ", basis.scalar_type());
 }
 
+// Tokens in z's layout: channel-last (T = 0), element (n, j) at n d + j; or
+// channel-first (B, d, T), element (n, j) at (b d + j) T + t with n = b T + t.
+struct TokenLayout {
+  int64_t d, T;
+  bool channel_first() const { return T > 0; }
+};
+
+TokenLayout layout_of(const at::Tensor& z) {
+  return z.dim() == 3 ? TokenLayout{z.size(1), z.size(2)} : TokenLayout{z.size(1), 0};
+}
+
+// Rows [n0, n1) of a channel-first tensor to / from a contiguous (n1 - n0) x d buffer,
+// in 32 x 32 blocks: every access is a run of consecutive elements (a power-of-two
+// stride T between the rows of one token would keep hitting the same cache sets).
+template <typename T>
+void gather_channel_first(const T* src, const TokenLayout& lay, int64_t n0, int64_t n1,
+                          T* rows) {
+  constexpr int64_t kBlk = 32;
+  const int64_t d = lay.d, Tn = lay.T;
+  for (int64_t n = n0; n < n1;) {
+    const int64_t b = n / Tn, t0 = n % Tn, t1 = std::min(Tn, t0 + (n1 - n));
+    for (int64_t ta = t0; ta < t1; ta += kBlk) {
+      const int64_t tb = std::min(t1, ta + kBlk);
+      for (int64_t j = 0; j < d; ++j) {
+        const T* s = src + (b * d + j) * Tn;
+        T* r = rows + (b * Tn + ta - n0) * d + j;
+        for (int64_t t = ta; t < tb; ++t, r += d) *r = s[t];
+      }
+    }
+    n += t1 - t0;
+  }
+}
+template <typename T>
+void scatter_channel_first(const T* rows, const TokenLayout& lay, int64_t n0, int64_t n1,
+                           T* dst) {
+  constexpr int64_t kBlk = 32;
+  const int64_t d = lay.d, Tn = lay.T;
+  for (int64_t n = n0; n < n1;) {
+    const int64_t b = n / Tn, t0 = n % Tn, t1 = std::min(Tn, t0 + (n1 - n));
+    for (int64_t ta = t0; ta < t1; ta += kBlk) {
+      const int64_t tb = std::min(t1, ta + kBlk);
+      for (int64_t j = 0; j < d; ++j) {
+        T* o = dst + (b * d + j) * Tn;
+        const T* r = rows + (b * Tn + ta - n0) * d + j;
+        for (int64_t t = ta; t < tb; ++t, r += d) o[t] = *r;
+      }
+    }
+    n += t1 - t0;
+  }
+}
+
+// z (N, d) itself, or the channel-first tokens gathered into a new (N, d) tensor.
+at::Tensor token_rows(const at::Tensor& z) {
+  if (z.dim() == 2) return z;
+  const TokenLayout lay = layout_of(z);
+  const int64_t N = z.size(0) * lay.T;
+  at::Tensor rows = at::empty({N, lay.d}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_token_rows", [&] {
+    const scalar_t* src = z.data_ptr<scalar_t>();
+    scalar_t* dst = rows.data_ptr<scalar_t>();
+    at::parallel_for(0, N, kBwdChunk, [&](int64_t n0, int64_t n1) {
+      gather_channel_first(src, lay, n0, n1, dst + n0 * lay.d);
+    });
+  });
+  return rows;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_train_cpu(
     const at::Tensor& z_in, const at::Tensor& basis, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias) {
-  check_quantize_shapes(z_in, basis, weight, bias);
   check_train_tokens(z_in, basis);
   const at::Tensor z = z_in.contiguous();
+  const TokenLayout lay = layout_of(z);
+  const at::Tensor rows = token_rows(z);  // (N, d), contiguous
+  check_quantize_shapes(rows, basis, weight, bias);
   const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, z.scalar_type());
-  auto [idx, dist] = nearest_code_impl(z, codebook);
+  auto [idx, dist] = nearest_code_impl(rows, codebook);
   at::Tensor out = at::empty_like(z);
-  const int64_t N = z.size(0), d = z.size(1);
+  const int64_t N = rows.size(0), d = rows.size(1);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   std::vector<double> part(std::max<int64_t>(chunks, 1), 0.0);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_quantize_train_cpu", [&] {
-    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* zp = rows.data_ptr<scalar_t>();
     const scalar_t* q = codebook.data_ptr<scalar_t>();
     const int64_t* ix = idx.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -1065,10 +1139,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
         // eight interleaved sums per chunk (a fixed order; independent lanes, so the
         // compiler vectorises the loop without reassociating anything)
         double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t n = c * kBwdChunk; n < std::min(N, (c + 1) * kBwdChunk); ++n) {
+        const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
+        // channel-first: the chunk's output rows go through a buffer, then scattered
+        scalar_t* ob = lay.channel_first() ? thread_buffer<scalar_t, 4>(kBwdChunk * d)
+                                           : o + n0 * d;
+        for (int64_t n = n0; n < n1; ++n) {
           const scalar_t* zr = zp + n * d;
           const scalar_t* qr = q + ix[n] * d;
-          scalar_t* orow = o + n * d;
+          scalar_t* orow = ob + (n - n0) * d;
           for (int64_t j = 0; j < d; ++j) orow[j] = zr[j] + (qr[j] - zr[j]);
           int64_t j = 0;
           for (; j + 8 <= d; j += 8) {
@@ -1083,6 +1161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
           }
         }
         part[c] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        if (lay.channel_first()) scatter_channel_first(ob, lay, n0, n1, o);
       }
     });
   });
@@ -1092,29 +1171,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
 }
 
 template <typename T>
-void train_backward_kernel(Isa isa, const T* g, const T* z, const T* q, const T* B,
-                           const int64_t* idx, int64_t N, int64_t d, int64_t r, T cz, double cq,
-                           T* dz, T* dw_out, T* db_out) {
+void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& lay,
+                           const T* q, const T* B, const int64_t* idx, int64_t N, int64_t d,
+                           int64_t r, T cz, double cq, T* dz, T* dw_out, T* db_out) {
   const int64_t dr = d * r;
   std::vector<double> dw(dr, 0.0), db(d, 0.0);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
   std::vector<T> part(group * dr);
   std::vector<double> part_db(group * d);
+  const bool cf = lay.channel_first();
   for (int64_t c0 = 0; c0 < chunks; c0 += group) {
     const int64_t c1 = std::min(chunks, c0 + group);
     at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
       T* diff = thread_buffer<T, 3>(kBwdChunk * d);
+      // channel-first: the chunk's z, d_out and dz rows go through buffers
+      T* zb = cf ? thread_buffer<T, 4>(kBwdChunk * d) : nullptr;
+      T* gb = cf ? thread_buffer<T, 5>(kBwdChunk * d) : nullptr;
+      T* dzb = cf ? thread_buffer<T, 6>(kBwdChunk * d) : nullptr;
       for (int64_t c = b; c < e; ++c) {
         const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
+        const T* zc = z + n0 * d;
+        const T* gc = g + n0 * d;
+        T* dzc = dz + n0 * d;
+        if (cf) {
+          gather_channel_first(z, lay, n0, n1, zb);
+          gather_channel_first(g, lay, n0, n1, gb);
+          zc = zb, gc = gb, dzc = dzb;
+        }
         double* pdb = part_db.data() + (c - c0) * d;
         for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
         for (int64_t n = n0; n < n1; ++n) {
-          const T* zr = z + n * d;
+          const T* zr = zc + (n - n0) * d;
           const T* qr = q + idx[n] * d;
-          const T* gr = g + n * d;
+          const T* gr = gc + (n - n0) * d;
           T* dr_ = diff + (n - n0) * d;
-          T* dzr = dz + n * d;
+          T* dzr = dzc + (n - n0) * d;
           for (int64_t j = 0; j < d; ++j) {
             const T v = qr[j] - zr[j];
             dr_[j] = v;
@@ -1122,6 +1214,7 @@ void train_backward_kernel(Isa isa, const T* g, const T* z, const T* q, const T*
             pdb[j] += double(v);
           }
         }
+        if (cf) scatter_channel_first(dzb, lay, n0, n1, dz);
         // partial[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
         cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr,
                          part.data() + (c - c0) * dr, r);
@@ -1148,18 +1241,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
   SIMVQ_CHECK(d_out.sizes() == z_in.sizes() && d_out.scalar_type() == z_in.scalar_type(),
               "`d_out` must match `z` ", z_in.sizes(), " ", z_in.scalar_type(), ", got ",
               d_out.sizes(), " ", d_out.scalar_type());
+  const TokenLayout lay = layout_of(z_in);
+  const int64_t d = lay.d, N = z_in.dim() == 3 ? z_in.size(0) * z_in.size(2) : z_in.size(0);
   SIMVQ_CHECK(codebook.dim() == 2 && codebook.size(0) == basis.size(0) &&
-                  codebook.size(1) == z_in.size(1) &&
-                  codebook.scalar_type() == z_in.scalar_type(),
-              "`codebook` must be (K, d) = (", basis.size(0), ", ", z_in.size(1), ") in ",
+                  codebook.size(1) == d && codebook.scalar_type() == z_in.scalar_type(),
+              "`codebook` must be (K, d) = (", basis.size(0), ", ", d, ") in ",
               z_in.scalar_type(), ", got ", codebook.sizes(), " ", codebook.scalar_type());
-  SIMVQ_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1 &&
-                  indices.size(0) == z_in.size(0),
-              "`indices` must be int64 (", z_in.size(0), ",), got ", indices.sizes(), " ",
+  SIMVQ_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1 && indices.size(0) == N,
+              "`indices` must be int64 (", N, ",), got ", indices.sizes(), " ",
               indices.scalar_type());
   const at::Tensor z = z_in.contiguous(), g = d_out.contiguous(), q = codebook.contiguous();
   const at::Tensor B = basis.contiguous(), ix = indices.contiguous();
-  const int64_t N = z.size(0), d = z.size(1), r = B.size(1), K = B.size(0);
+  const int64_t r = B.size(1), K = B.size(0);
   if (N > 0) {
     const auto [lo, hi] = at::aminmax(ix);
     SIMVQ_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < K, "`indices` must lie in [0, ",
@@ -1170,7 +1263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
   at::Tensor db = at::empty({d}, z.options());
   const Isa isa = cpu::config().isa;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_quantize_train_backward_cpu", [&] {
-    train_backward_kernel<scalar_t>(isa, g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+    train_backward_kernel<scalar_t>(isa, g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lay,
                                     q.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
                                     ix.data_ptr<int64_t>(), N, d, r,
                                     static_cast<scalar_t>(commit_scale), codebook_scale,
@@ -1232,9 +1325,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
 // The fused training step of the SimVQ layer (simvq_kernels/nn.py, through the cpu
 // backend): plain (catch-all) kernels, called for CPU tensors only.
 TORCH_LIBRARY_FRAGMENT(simvq, m) {
-  // z (N, d), basis (K, r), weight (d, r), bias (d,) or None, float32 or float64 ->
-  //   out (N, d) = z + (Q[idx] - z), indices (N,), distances (N,), sum (Q[idx] - z)^2
-  //   (float64 scalar), codebook Q (K, d)
+  // z (N, d) or channel-first (B, d, T), basis (K, r), weight (d, r), bias (d,) or None,
+  // float32 or float64 -> out = z + (Q[idx] - z) in z's layout, indices (N,), distances
+  //   (N,), sum (Q[idx] - z)^2 (float64 scalar), codebook Q (K, d)
   m.def("quantize_train(Tensor z, Tensor basis, Tensor weight, Tensor? bias) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)",
         &simvq::quantize_train_cpu);
