@@ -150,33 +150,50 @@ def nearest_code(z, codebook, backend="auto", *, check_finite=None, duplicate_ma
     return out.indices, out.distances
 
 
+def _quantize_checks(z, basis, weight, bias, duplicate_map, check_finite,
+                     channel_first=False):
+    """The argument checks of quantize / quantize_train; returns the finite check's
+    magnitudes ({name: max |value|} in eager mode on CPU, else None). Channel-first z
+    (B, d, T) is checked through a (B, d) view of its first position."""
+    if channel_first:
+        tokens = z[:, :, 0] if z.shape[2] else z.new_empty(z.shape[:2])
+        _validate.check_quantize(tokens, basis, weight, bias)
+    else:
+        _validate.check_quantize(z, basis, weight, bias)
+    if duplicate_map is not None:
+        _validate.check_duplicate_map(duplicate_map, basis, "basis")
+    return _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
+                         check_finite)
+
+
+def _largest_value(maxima, basis):
+    """The largest magnitude among z and the codes (None without magnitudes): every code
+    obeys |Q_kj| <= r max|B| max|W| + max|b|."""
+    if not maxima:
+        return None
+    code_bound = basis.shape[1] * maxima["basis"] * maxima["weight"] + maxima.get("bias", 0.0)
+    return max(maxima["z"], code_bound)
+
+
 def quantize(z, basis, weight, bias=None, backend="auto", *, check_finite=None,
              duplicate_map=None) -> QuantizeOutput:
     """Like :func:`simvq_quantize`, returning zq, indices, distances and the backend."""
-    _validate.check_quantize(z, basis, weight, bias)
-    if duplicate_map is not None:
-        _validate.check_duplicate_map(duplicate_map, basis, "basis")
-    maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
-                           check_finite)
+    maxima = _quantize_checks(z, basis, weight, bias, duplicate_map, check_finite)
     name = _select(backend, z.device, z.dtype)
     if not _compiling():
         log.debug("simvq_quantize: backend=%s N=%d K=%d d=%d r=%d", name, z.shape[0],
                   basis.shape[0], z.shape[1], basis.shape[1])
     in_dtype = z.dtype
     z = z.detach()  # zq does not depend on z differentiably (argmin is piecewise constant)
-    if maxima:
-        # every code obeys |Q_kj| <= r max|B| max|W| + max|b|
-        code_bound = (basis.shape[1] * maxima["basis"] * maxima["weight"]
-                      + maxima.get("bias", 0.0))
-        if _validate.needs_float64(z.dtype, z.shape[1], max(maxima["z"], code_bound)):
-            log.debug("simvq_quantize: values up to %.3g, searching in float64",
-                      max(maxima["z"], code_bound))
-            out = quantize(z.double(), basis.double(), weight.double(),
-                           None if bias is None else bias.double(), name,
-                           check_finite=False,  # differentiable casts: grads come back
-                           duplicate_map=duplicate_map)
-            return QuantizeOutput(out.zq.to(in_dtype), out.indices,
-                                  out.distances.to(_dist_dtype(in_dtype)), name)
+    largest = _largest_value(maxima, basis)
+    if _validate.needs_float64(z.dtype, z.shape[1], largest):
+        log.debug("simvq_quantize: values up to %.3g, searching in float64", largest)
+        out = quantize(z.double(), basis.double(), weight.double(),
+                       None if bias is None else bias.double(), name,
+                       check_finite=False,  # differentiable casts: grads come back
+                       duplicate_map=duplicate_map)
+        return QuantizeOutput(out.zq.to(in_dtype), out.indices,
+                              out.distances.to(_dist_dtype(in_dtype)), name)
     zq, idx, dist = BACKENDS[name].quantize(z, basis, weight, bias,
                                             duplicate_map=duplicate_map)
     return QuantizeOutput(zq, idx, dist.to(_dist_dtype(z.dtype)), name)
@@ -307,26 +324,14 @@ def quantize_train(z, basis, weight, bias=None, backend="auto", *, check_finite=
     temporary, reading and writing the channel-first layout in place; the others run
     :func:`quantize` and :func:`straight_through_with_losses` on the channel-last
     tokens. Same values either way, up to the rounding of the sums."""
-    if channel_first:
-        if not isinstance(z, torch.Tensor) or z.dim() != 3:
-            raise ValueError("channel_first=True expects `z` of shape (B, d, T), got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
-        tokens = z[:, :, 0] if z.shape[2] else z.new_empty(z.shape[:2])  # (B, d): a view
-        _validate.check_quantize(tokens, basis, weight, bias)
-    else:
-        _validate.check_quantize(z, basis, weight, bias)
-    if duplicate_map is not None:
-        _validate.check_duplicate_map(duplicate_map, basis, "basis")
-    maxima = _check_finite((("z", z), ("basis", basis), ("weight", weight), ("bias", bias)),
-                           check_finite)
+    if channel_first and (not isinstance(z, torch.Tensor) or z.dim() != 3):
+        raise ValueError("channel_first=True expects `z` of shape (B, d, T), got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
+    maxima = _quantize_checks(z, basis, weight, bias, duplicate_map, check_finite,
+                              channel_first)
     name = _select(backend, z.device, z.dtype)
     fused = BACKENDS[name]
-    wide = False
-    if maxima:
-        code_bound = (basis.shape[1] * maxima["basis"] * maxima["weight"]
-                      + maxima.get("bias", 0.0))
-        wide = _validate.needs_float64(z.dtype, weight.shape[0],
-                                       max(maxima["z"], code_bound))
+    wide = _validate.needs_float64(z.dtype, weight.shape[0], _largest_value(maxima, basis))
     if (fused.has_train_step and not _compiling() and not wide and z.numel() > 0
             and z.dtype in (torch.float32, torch.float64)):
         out, commit, code, idx, dist = _FusedTrainStep.apply(z, weight, bias, basis, fused)

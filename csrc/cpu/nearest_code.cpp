@@ -1059,12 +1059,13 @@ TokenLayout layout_of(const at::Tensor& z) {
   return z.dim() == 3 ? TokenLayout{z.size(1), z.size(2)} : TokenLayout{z.size(1), 0};
 }
 
-// Rows [n0, n1) of a channel-first tensor to / from a contiguous (n1 - n0) x d buffer,
-// in 32 x 32 blocks: every access is a run of consecutive elements (a power-of-two
-// stride T between the rows of one token would keep hitting the same cache sets).
-template <typename T>
-void gather_channel_first(const T* src, const TokenLayout& lay, int64_t n0, int64_t n1,
-                          T* rows) {
+// Rows [n0, n1) of a channel-first tensor `cf` to (ToRows) or from a contiguous
+// (n1 - n0) x d buffer, in 32 x 32 blocks: every access is a run of consecutive
+// elements (a power-of-two stride T between the rows of one token would keep hitting the
+// same cache sets).
+template <bool ToRows, typename T>
+void move_channel_first(std::conditional_t<ToRows, const T*, T*> cf, const TokenLayout& lay,
+                        int64_t n0, int64_t n1, std::conditional_t<ToRows, T*, const T*> rows) {
   constexpr int64_t kBlk = 32;
   const int64_t d = lay.d, Tn = lay.T;
   for (int64_t n = n0; n < n1;) {
@@ -1072,31 +1073,29 @@ void gather_channel_first(const T* src, const TokenLayout& lay, int64_t n0, int6
     for (int64_t ta = t0; ta < t1; ta += kBlk) {
       const int64_t tb = std::min(t1, ta + kBlk);
       for (int64_t j = 0; j < d; ++j) {
-        const T* s = src + (b * d + j) * Tn;
-        T* r = rows + (b * Tn + ta - n0) * d + j;
-        for (int64_t t = ta; t < tb; ++t, r += d) *r = s[t];
+        auto* c = cf + (b * d + j) * Tn;
+        auto* r = rows + (b * Tn + ta - n0) * d + j;
+        for (int64_t t = ta; t < tb; ++t, r += d) {
+          if constexpr (ToRows) {
+            *r = c[t];
+          } else {
+            c[t] = *r;
+          }
+        }
       }
     }
     n += t1 - t0;
   }
 }
 template <typename T>
+void gather_channel_first(const T* cf, const TokenLayout& lay, int64_t n0, int64_t n1,
+                          T* rows) {
+  move_channel_first<true, T>(cf, lay, n0, n1, rows);
+}
+template <typename T>
 void scatter_channel_first(const T* rows, const TokenLayout& lay, int64_t n0, int64_t n1,
-                           T* dst) {
-  constexpr int64_t kBlk = 32;
-  const int64_t d = lay.d, Tn = lay.T;
-  for (int64_t n = n0; n < n1;) {
-    const int64_t b = n / Tn, t0 = n % Tn, t1 = std::min(Tn, t0 + (n1 - n));
-    for (int64_t ta = t0; ta < t1; ta += kBlk) {
-      const int64_t tb = std::min(t1, ta + kBlk);
-      for (int64_t j = 0; j < d; ++j) {
-        T* o = dst + (b * d + j) * Tn;
-        const T* r = rows + (b * Tn + ta - n0) * d + j;
-        for (int64_t t = ta; t < tb; ++t, r += d) o[t] = *r;
-      }
-    }
-    n += t1 - t0;
-  }
+                           T* cf) {
+  move_channel_first<false, T>(cf, lay, n0, n1, rows);
 }
 
 // z (N, d) itself, or the channel-first tokens gathered into a new (N, d) tensor.
