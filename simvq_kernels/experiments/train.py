@@ -361,7 +361,8 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
         for r in clean:
             w.writerow([r[c] for c in cols])
     with open(paths["md"], "w") as f:
-        f.write(f"# {task.name}: plain VQ vs SimVQ\n\n")
+        kinds = list(dict.fromkeys(r["quantiser"] for r in results))
+        f.write(f"# {task.name}: {' vs '.join(LABELS.get(q, q) for q in kinds)}\n\n")
         described = extra if summary is None else {**extra, "environment": summary}
         f.write(describe_run(task, cfg, results, described) + "\n\n")
         f.write("Held-out utilisation: the fraction of the K codes picked at least once "
