@@ -150,6 +150,9 @@ def main(argv=None):
                    help="also fit k-means with the same K (0: no)")
     p.add_argument("--kmeans-tokens-per-code", type=float, default=10.0,
                    help="training latents for k-means, per code")
+    p.add_argument("--kmeans-only", action="store_true",
+                   help="evaluate the k-means codebook alone (the model's curve was made "
+                        "by an earlier run; halves the search cost)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="cpu", help="nearest_code backend")
     p.add_argument("--images", default=None,
@@ -171,10 +174,13 @@ def main(argv=None):
     n_crops = -(-int(max(tpc) * k) // per_crop)
     marks = sorted({min(n_crops * per_crop, int(round(t * k))) for t in tpc})
 
+    if args.kmeans_only and args.kmeans_iters <= 0:
+        raise SystemExit("--kmeans-only needs --kmeans-iters > 0")
     codebooks = {}
-    with torch.no_grad():
-        codebooks["SimVQ" if ck["kind"] == "simvq" else ck["kind"]] = \
-            model.quantiser.codebook.detach().float().contiguous()
+    if not args.kmeans_only:
+        with torch.no_grad():
+            codebooks["SimVQ" if ck["kind"] == "simvq" else ck["kind"]] = \
+                model.quantiser.codebook.detach().float().contiguous()
     km_hist = None
     if args.kmeans_iters > 0:
         n_train = -(-int(args.kmeans_tokens_per_code * k) // per_crop)

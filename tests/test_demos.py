@@ -374,6 +374,11 @@ def test_heldout_curve_program_with_kmeans(tmp_path):
         used = [p["used"] for p in cv["points"]]
         assert 1 <= used[0] <= used[1] <= 32 and cv["full"]["used"] == used[1]
     assert len(payload["kmeans_history"]) == 2
+    only = heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code", "1",
+                               "--kmeans-iters", "1", "--kmeans-tokens-per-code", "2",
+                               "--kmeans-only", "--out", str(tmp_path / "km")])
+    assert set(only["curves"]) == {"k-means"}
+    torch.set_num_threads(threads)
     lines = (tmp_path / "curve" / "curve.csv").read_text().strip().splitlines()
     assert len(lines) == 5 and lines[0].startswith("codebook,tokens")
     assert (tmp_path / "curve" / "utilisation_vs_tokens_per_code.png").read_bytes()[:4] \
