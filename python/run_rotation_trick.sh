@@ -3,6 +3,8 @@
 # rotation trick"), one after another, one torch thread each. Run from the repository
 # root. STAGES picks what to run, in order (default: all, in the order below).
 # NICE (default 15) is the niceness; OUT the results root (default python/results).
+# The committed results ran every stage but the last two (the straight-through
+# controls sweep_ste_lr5e-4 and sweep_ste_beta1: not run, for time).
 # Then: python python/rotation_trick_report.py
 set -euo pipefail
 ALL="compare_images sweep_long sweep_lr5e-4 sweep_beta1 sweep_k8192 compare_audio
