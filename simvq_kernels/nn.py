@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,26 @@ _LAYOUTS = {"official": _OFFICIAL_KEYS, "vector_quantize_pytorch": _VQ_PYTORCH_K
 _USAGE_KEY = "usage_counts"  # the usage counts' state-dict entry (see SimVQ)
 
 _EPS_ROT = 1e-6  # vector-quantize-pytorch's safe_div / l2norm epsilon
+
+# rotation_trick=True warns once per process (see _warn_rotation_trick)
+_ROTATION_TRICK_WARNED = False
+ROTATION_TRICK_WARNING = (
+    "simvq_kernels: rotation_trick=True on a SimVQ layer. In the library's demos the "
+    "rotation trick kept the SimVQ codebook collapsed (images, K = 1024: 3-4% of the codes "
+    "in use after 2,500 steps, where the straight-through estimator used 94%; with "
+    "beta = 1.0 still 1.9% after 5,000 steps), in this layer and in "
+    "vector-quantize-pytorch's SimVQ, whose default it is. The SimVQ paper and this "
+    "library's default (rotation_trick=False) use straight-through; see "
+    "docs/migration.md. Shown once per process.")
+
+
+def _warn_rotation_trick(stacklevel: int = 3):
+    """Warn (UserWarning, once per process) that the rotation trick collapses SimVQ."""
+    global _ROTATION_TRICK_WARNED
+    if _ROTATION_TRICK_WARNED:
+        return
+    _ROTATION_TRICK_WARNED = True
+    warnings.warn(ROTATION_TRICK_WARNING, UserWarning, stacklevel=stacklevel)
 
 
 # ------------------------------------------------------------------- small helpers
@@ -343,6 +364,8 @@ class SimVQ(nn.Module):
         self.channel_first = bool(channel_first)
         self.backend = backend
         self.rotation_trick = bool(rotation_trick)
+        if self.rotation_trick:
+            _warn_rotation_trick()
         self.track_usage = bool(track_usage)
         self.commitment_weight = float(commitment_weight)
         self.last_backend: str | None = None
@@ -972,6 +995,8 @@ class ResidualSimVQ(nn.Module):
         self.num_quantizers = num_quantizers
         self.channel_first = bool(channel_first)
         self.rotation_trick = bool(rotation_trick)
+        if self.rotation_trick:
+            _warn_rotation_trick()
         self.stagewise_estimator = bool(stagewise_estimator)
         self.return_all_losses = bool(return_all_losses)
         self.layers = nn.ModuleList(

@@ -232,3 +232,186 @@ def test_large_k_report_collects_runs(tmp_path):
     assert len((tmp_path / "results.csv").read_text().strip().splitlines()) == 4
     for png in ("utilisation_over_steps.png", "utilisation_vs_k.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------ extra quantisers (rotation trick)
+
+def test_extra_quantisers_are_what_they_say():
+    from simvq_kernels import nn as sk_nn
+    from simvq_kernels.experiments.models import build_autoencoder
+
+    kw = dict(in_ch=1, dim=8, hidden=16, n_down=2, nd=1, seed=3)
+    ours = build_autoencoder("simvq", 32, **kw).quantiser
+    rot = build_autoencoder("simvq_rot", 32, **kw).quantiser
+    assert isinstance(rot, sk_nn.SimVQ) and rot.rotation_trick and not ours.rotation_trick
+    assert torch.equal(rot.basis, ours.basis) and torch.equal(rot.weight, ours.weight)
+    # the rotation trick sends z a different gradient than straight-through (same value)
+    z = torch.randn(2, 8, 5, requires_grad=True)
+    grads, outs = [], []
+    for q in (ours, rot):
+        out, _, _ = q(z)
+        (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), z)
+        grads.append(g)
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(grads[0], grads[1])
+
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    for kind, rotates in (("vqp", True), ("vqp_ste", False)):
+        q = build_autoencoder(kind, 32, **kw).quantiser
+        assert isinstance(q, vqp.SimVQ) and q.rotation_trick is rotates and q.channel_first
+        # drawn like ours: same frozen basis and projection under the same seed
+        assert torch.equal(q.frozen_codebook, ours.basis)
+        assert torch.equal(q.code_transform.weight, ours.weight)
+        out, idx, loss = q(z)
+        assert out.shape == z.shape and idx.shape == (2, 5) and loss.dim() == 0
+
+
+def test_sweep_skips_vq_pytorch_quantisers_without_the_package(monkeypatch):
+    from simvq_kernels.experiments import models
+    from simvq_kernels.experiments.train import TrainConfig, markdown_table, run_sweep
+
+    monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)  # import fails
+    assert "vector-quantize-pytorch" in models.unavailable_reason("vqp")
+    assert models.unavailable_reason("simvq_rot") is None
+    with pytest.raises(ImportError, match="vector-quantize-pytorch"):
+        models.make_quantiser("vqp_ste", 8, 16)
+    logs = []
+    task = _tiny_task()
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
+                      progress=False)
+    res = run_sweep(task, cfg, [16], ["simvq_rot", "vqp", "vqp_ste"], log=logs.append)
+    assert [r["quantiser"] for r in res] == ["simvq_rot"]
+    assert sum("skipping vqp" in m and "vector-quantize-pytorch" in m for m in logs) == 2
+    assert "SimVQ + rotation trick" in markdown_table(task, res)
+    with pytest.raises(ValueError, match="unknown quantiser"):
+        run_sweep(task, cfg, [16], ["nonsense"], log=logs.append)
+
+
+# ------------------------------------------- utilisation over tokens per code
+
+def test_expected_seen_fraction_exact_and_simulated():
+    import itertools
+
+    from simvq_kernels.experiments.curve import expected_seen_fraction
+
+    # exact: enumerate every sequence of n draws from a 4-code histogram (one code dead)
+    p = torch.tensor([0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    for n in (1, 2, 3, 5):
+        exact = 0.0
+        for seq in itertools.product(range(4), repeat=n):
+            exact += math.prod(float(p[s]) for s in seq) * len(set(seq)) / 4
+        assert math.isclose(expected_seen_fraction(p, n), exact, rel_tol=1e-12), n
+    # closed form for a uniform histogram, and the limits
+    assert math.isclose(expected_seen_fraction(torch.full((10,), 0.1, dtype=torch.float64), 7),
+                        1 - 0.9 ** 7, rel_tol=1e-12)
+    assert expected_seen_fraction(p, 10**9) == pytest.approx(0.75)  # the dead code stays out
+    assert expected_seen_fraction(torch.tensor([1.0, 0.0]), 3) == 0.5
+    # simulated: a skewed histogram over 50 codes, 40 draws, 4000 trials
+    gen = torch.Generator().manual_seed(0)
+    q = torch.rand(50, generator=gen, dtype=torch.float64) ** 4
+    q /= q.sum()
+    draws = torch.multinomial(q.expand(4000, 50), 40, replacement=True, generator=gen)
+    seen = torch.zeros(4000, 50).scatter_(1, draws, 1.0).mean(1)
+    sim, se = float(seen.mean()), float(seen.std()) / 4000 ** 0.5
+    assert abs(expected_seen_fraction(q, 40) - sim) < 4 * se
+    with pytest.raises(ValueError):
+        expected_seen_fraction(torch.tensor([0.5, 0.4]), 3)  # not a distribution
+
+
+def test_utilisation_curve_counts_prefixes():
+    from simvq_kernels.experiments.curve import chao1, perplexity, utilisation_curve
+
+    idx = torch.tensor([0, 1, 0, 2, 0, 3, 3, 1])  # K = 6: codes 4, 5 never picked
+    cv = utilisation_curve(idx, 6, [2, 4, 8])
+    assert [p["used"] for p in cv["points"]] == [2, 3, 4]
+    assert [p["tokens_per_code"] for p in cv["points"]] == [2 / 6, 4 / 6, 8 / 6]
+    assert cv["points"][0]["perplexity"] == pytest.approx(2.0)  # {0, 1} once each
+    counts = torch.tensor([3, 2, 1, 2, 0, 0])
+    assert perplexity(counts) == pytest.approx(
+        math.exp(-sum(c / 8 * math.log(c / 8) for c in (3, 2, 1, 2))))
+    full = cv["full"]
+    assert full["used"] == 4 and full["singletons"] == 1 and full["doubletons"] == 2
+    assert full["good_turing_unseen_mass"] == pytest.approx(1 / 8)
+    assert full["chao1_codes"] == pytest.approx(4 + 1 / 4) == chao1(counts)
+    # the expected fraction under the full histogram is the mean of 1 - (1 - p)^n
+    p = counts.double() / 8
+    assert cv["points"][1]["expected_seen"] == pytest.approx(
+        float((1 - (1 - p) ** 4).mean()))
+    with pytest.raises(ValueError):
+        utilisation_curve(idx, 6, [9])
+
+
+def test_heldout_curve_program_with_kmeans(tmp_path):
+    pytest.importorskip("skimage")
+    from simvq_kernels.experiments import data
+    from simvq_kernels.experiments.train import Task, TrainConfig, run_one
+
+    src = data.CropSource(data.load_skimage_images(("camera",)), crop=16)
+    task = Task(name="images", in_ch=3, nd=2, n_down=2, dim=8, hidden=16,
+                tokens_per_item=16, train_batch=src.train_batch,
+                heldout=src.heldout_set(4, seed=1), notes={"images": ["camera"], "crop": 16})
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
+                      progress=False, save_models=str(tmp_path / "models"))
+    r = run_one(task, "simvq", 32, cfg)
+    assert os.path.exists(r["checkpoint"])
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import heldout_curve
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    try:
+        payload = heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code",
+                                      "1,3", "--kmeans-iters", "2",
+                                      "--kmeans-tokens-per-code", "2", "--chunk", "4",
+                                      "--out", str(tmp_path / "curve")])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(payload["curves"]) == {"SimVQ", "k-means"}
+    for cv in payload["curves"].values():
+        assert [p["tokens"] for p in cv["points"]] == [32, 96]
+        used = [p["used"] for p in cv["points"]]
+        assert 1 <= used[0] <= used[1] <= 32 and cv["full"]["used"] == used[1]
+    assert len(payload["kmeans_history"]) == 2
+    only = heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code", "1",
+                               "--kmeans-iters", "1", "--kmeans-tokens-per-code", "2",
+                               "--kmeans-only", "--out", str(tmp_path / "km")])
+    assert set(only["curves"]) == {"k-means"}
+    torch.set_num_threads(threads)
+    lines = (tmp_path / "curve" / "curve.csv").read_text().strip().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("codebook,tokens")
+    assert (tmp_path / "curve" / "utilisation_vs_tokens_per_code.png").read_bytes()[:4] \
+        == b"\x89PNG"
+
+
+def test_rotation_trick_report_collects_runs(tmp_path):
+    from simvq_kernels.experiments.train import (TrainConfig, parse_markdown_table,
+                                                 run_one, write_results)
+
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import rotation_trick_report
+    finally:
+        sys.path.pop(0)
+    task = _tiny_task()
+    task.name = "images"  # the report reads images/ and audio/ runs alike
+    cfg = TrainConfig(steps=4, batch_size=2, log_every=1, window=2, threads=1,
+                      progress=False)
+    runs = {"compare_k1024": ["simvq", "simvq_rot"], "sweep/lr2e-3_beta1.0": ["simvq_rot"]}
+    for run, kinds in runs.items():
+        res = [run_one(task, kind, 16, cfg) for kind in kinds]
+        write_results(str(tmp_path / "images" / "rotation_trick" / run), task, cfg, res)
+    rows = rotation_trick_report.main(["--root", str(tmp_path)])
+    assert [(r["run"], r["quantiser"]) for r in rows] == [
+        ("compare_k1024", "simvq"), ("compare_k1024", "simvq_rot"),
+        ("sweep/lr2e-3_beta1.0", "simvq_rot")]
+    text = (tmp_path / "rotation_trick" / "results.md").read_text()
+    compare, sweep = text.split("## Sweep")
+    got = parse_markdown_table(compare)
+    assert [t["quantiser"] for t in got] == ["SimVQ", "SimVQ + rotation trick"]
+    assert [t["codes used"] for t in got] == [str(r["used"]) for r in rows[:2]]
+    assert parse_markdown_table(sweep)[0]["held-out utilisation at half the steps"] == "–"
+    assert len((tmp_path / "rotation_trick" / "results.csv").read_text().splitlines()) == 4
+    assert (tmp_path / "rotation_trick" / "utilisation_over_steps.png").read_bytes()[:4] \
+        == b"\x89PNG"

@@ -20,7 +20,30 @@ from .. import nn as sk_nn
 from .. import ops
 
 QUANTISERS = ("plain", "simvq")
+#: the quantisers a demo can compare (``--quantisers``): the two of the default run, our
+#: layer with the rotation trick, and vector-quantize-pytorch's ``SimVQ`` with its
+#: defaults (the rotation trick) and with the straight-through estimator
+ALL_QUANTISERS = ("plain", "simvq", "simvq_rot", "vqp", "vqp_ste")
+LABELS = {"plain": "plain VQ", "simvq": "SimVQ",
+          "simvq_rot": "SimVQ + rotation trick",
+          "vqp": "vq-pytorch SimVQ (defaults: rotation trick)",
+          "vqp_ste": "vq-pytorch SimVQ (straight-through)"}
+#: the quantisers that need vector-quantize-pytorch
+NEEDS_VQP = ("vqp", "vqp_ste")
 PLAIN_INITS = ("uniform", "normal")
+
+
+def unavailable_reason(kind: str) -> str | None:
+    """None if quantiser ``kind`` can be built here, else why not (one line)."""
+    if kind not in ALL_QUANTISERS:
+        return f"unknown quantiser {kind!r}; choose from {', '.join(ALL_QUANTISERS)}"
+    if kind in NEEDS_VQP:
+        try:
+            import vector_quantize_pytorch  # noqa: F401
+        except ImportError as e:
+            return (f"quantiser {kind!r} needs vector-quantize-pytorch "
+                    f"(pip install vector-quantize-pytorch): {e}")
+    return None
 
 
 class PlainVQ(nn.Module):
@@ -84,13 +107,27 @@ class PlainVQ(nn.Module):
 def make_quantiser(kind: str, dim: int, codebook_size: int, *, beta: float = 0.25,
                    plain_init: str = "uniform", backend: str = "auto") -> nn.Module:
     """``"plain"`` -> :class:`PlainVQ`; ``"simvq"`` -> :class:`simvq_kernels.SimVQ`
-    (r = d, with bias, as in the official code). Both channel-first, legacy=False."""
+    (r = d, with bias, as in the official code); ``"simvq_rot"``: the same with
+    ``rotation_trick=True``. All channel-first, legacy=False.
+
+    ``"vqp"`` / ``"vqp_ste"``: vector-quantize-pytorch's ``SimVQ`` as a user gets it
+    (its defaults: no bias, the rotation trick, its own ``torch.cdist`` search), with only
+    the commitment weight set to ``beta`` (its default is 0.25 too); ``"vqp_ste"`` with
+    ``rotation_trick=False``. Its frozen basis and projection are drawn like ours (same
+    seed, same values). Raises ``ImportError`` when vector-quantize-pytorch is absent
+    (:func:`unavailable_reason` says so beforehand)."""
+    why = unavailable_reason(kind)
+    if why is not None:
+        raise (ValueError if kind not in ALL_QUANTISERS else ImportError)(why)
     if kind == "plain":
         return PlainVQ(dim, codebook_size, beta=beta, channel_first=True, init=plain_init,
                        backend=backend)
-    if kind == "simvq":
-        return sk_nn.SimVQ(dim, codebook_size, beta=beta, channel_first=True, backend=backend)
-    raise ValueError(f"unknown quantiser {kind!r}; choose one of {QUANTISERS}")
+    if kind in ("simvq", "simvq_rot"):
+        return sk_nn.SimVQ(dim, codebook_size, beta=beta, channel_first=True, backend=backend,
+                           rotation_trick=kind == "simvq_rot")
+    from vector_quantize_pytorch import SimVQ as VqpSimVQ
+    return VqpSimVQ(dim, codebook_size, channel_first=True, rotation_trick=kind == "vqp",
+                    input_to_quantize_commit_loss_weight=beta)
 
 
 # ----------------------------------------------------------------- conv blocks

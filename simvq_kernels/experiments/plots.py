@@ -6,8 +6,10 @@ import numpy as np
 
 from .train import format_percent
 
-COLOURS = {"plain": "#d62728", "simvq": "#1f77b4"}
-LABELS = {"plain": "plain VQ", "simvq": "SimVQ"}
+from .models import LABELS  # noqa: E402
+
+COLOURS = {"plain": "#d62728", "simvq": "#1f77b4", "simvq_rot": "#9467bd",
+           "vqp": "#ff7f0e", "vqp_ste": "#2ca02c"}
 DPI = 100
 
 

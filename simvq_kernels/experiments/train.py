@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ..metrics import CodebookUsage
-from .models import QUANTISERS, build_autoencoder
+from .models import LABELS, QUANTISERS, build_autoencoder, unavailable_reason
 
 
 @dataclass
@@ -50,6 +50,9 @@ class TrainConfig:
     #: held-out evaluations during training, evenly spaced over the steps (or over the
     #: time budget); 0: only the final one
     heldout_evals: int = 0
+    #: folder to save each trained model's state dict in ({task}_{quantiser}_{K}.pt);
+    #: None: not saved
+    save_models: Optional[str] = None
 
 
 @dataclass
@@ -214,6 +217,17 @@ def run_one(task: Task, kind: str, codebook_size: int, cfg: TrainConfig) -> dict
            "train_cpu_seconds": c1 - c0 - mid_cpu, "eval_cpu_seconds": c2 - c1,
            "heldout_evals_during_training_seconds": mid_s, **info, "history": hist,
            "backend": getattr(model.quantiser, "last_backend", None)}
+    if cfg.save_models:
+        os.makedirs(cfg.save_models, exist_ok=True)
+        path = os.path.join(cfg.save_models, f"{task.name}_{kind}_{codebook_size}.pt")
+        torch.save({"state_dict": model.state_dict(), "kind": kind,
+                    "codebook_size": codebook_size, "config": asdict(cfg),
+                    "model": {"in_ch": task.in_ch, "dim": task.dim, "hidden": task.hidden,
+                              "n_down": task.n_down, "nd": task.nd},
+                    "task": task.name, "task_notes": task.notes,
+                    "steps_done": info.get("steps_done"),
+                    "heldout_utilisation": metrics["utilisation"]}, path)
+        res["checkpoint"] = path
     if task.examples is not None:
         with torch.no_grad():
             model.eval()
@@ -223,11 +237,22 @@ def run_one(task: Task, kind: str, codebook_size: int, cfg: TrainConfig) -> dict
 
 def run_sweep(task: Task, cfg: TrainConfig, codebook_sizes, quantisers=QUANTISERS,
               log=print) -> list[dict]:
-    """Every (K, quantiser) pair, K ascending, plain first. Returns the result dicts."""
+    """Every (K, quantiser) pair, K ascending, in the order of ``quantisers``. A quantiser
+    that cannot be built here (vector-quantize-pytorch's without that package) is skipped
+    with a message. Returns the result dicts."""
     torch.set_num_threads(cfg.threads)
     results = []
+    runnable = []
+    for kind in quantisers:
+        why = unavailable_reason(kind)
+        if why is None:
+            runnable.append(kind)
+        elif kind in LABELS:  # a known quantiser that needs a missing package
+            log(f"[{task.name}] skipping {kind}: {why}")
+        else:
+            raise ValueError(why)
     for k in sorted(codebook_sizes):
-        for kind in quantisers:
+        for kind in runnable:
             r = run_one(task, kind, k, cfg)
             results.append(r)
             log(f"[{task.name}] {kind:>5} K={k:>6}: held-out utilisation "
@@ -255,7 +280,7 @@ def markdown_table(task: Task, results: list[dict]) -> str:
             f"{metric} (dB)", "train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        name = "SimVQ" if r["quantiser"] == "simvq" else "plain VQ"
+        name = LABELS.get(r["quantiser"], r["quantiser"])
         lines.append("| " + " | ".join([
             f"{r['codebook_size']}", name, format_percent(r["utilisation"]),
             f"{r['used']}", f"{r['perplexity']:.1f}", f"{r['mse']:.5f}",
@@ -336,7 +361,8 @@ def write_results(out_dir: str, task: Task, cfg: TrainConfig, results: list[dict
         for r in clean:
             w.writerow([r[c] for c in cols])
     with open(paths["md"], "w") as f:
-        f.write(f"# {task.name}: plain VQ vs SimVQ\n\n")
+        kinds = list(dict.fromkeys(r["quantiser"] for r in results))
+        f.write(f"# {task.name}: {' vs '.join(LABELS.get(q, q) for q in kinds)}\n\n")
         described = extra if summary is None else {**extra, "environment": summary}
         f.write(describe_run(task, cfg, results, described) + "\n\n")
         f.write("Held-out utilisation: the fraction of the K codes picked at least once "
@@ -409,7 +435,13 @@ def common_parser(description: str, defaults: dict):
     p.add_argument("--heldout-tokens-per-code", type=float, default=10.0,
                    help="held-out set size, in tokens per code of the largest K")
     p.add_argument("--quantisers", default="plain,simvq",
-                   help="comma-separated subset of plain,simvq")
+                   help="comma-separated subset of plain,simvq,simvq_rot (our layer with "
+                        "rotation_trick=True),vqp (vector-quantize-pytorch's SimVQ, its "
+                        "defaults: rotation trick),vqp_ste (the same, rotation_trick=False); "
+                        "vqp* are skipped with a message without vector-quantize-pytorch")
+    p.add_argument("--save-models", default=None, metavar="DIR",
+                   help="save each trained model's state dict in DIR "
+                        "({task}_{quantiser}_{K}.pt)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 2; 1 with --quick, whose tiny "
                         "tensors gain nothing from a second thread)")
@@ -450,7 +482,7 @@ def config_from_args(args) -> TrainConfig:
                        log_every=log_every, window=window, threads=args.threads,
                        progress=not args.no_progress, time_budget=budget,
                        cpu_budget=cpu_budget,
-                       heldout_evals=args.heldout_evals)
+                       heldout_evals=args.heldout_evals, save_models=args.save_models)
 
 
 def heldout_items(tokens_per_code: float, codebook_sizes, tokens_per_item: int,

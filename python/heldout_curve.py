@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Held-out utilisation of a trained image model as a curve over tokens per code.
+
+Loads a model saved by ``train_images.py --save-models DIR`` and encodes a stream of
+held-out crops (the right 25% strip of every image, as in the demo) until it holds
+the largest number of tokens per code asked for; the nearest-code search is
+``simvq_kernels.nearest_code`` (the fused CPU kernel). Reports, for each prefix of the
+stream, the utilisation, the perplexity and the fraction of codes that independent
+draws from the largest set's histogram are expected to pick
+(:mod:`simvq_kernels.experiments.curve`). Results are rewritten after every point, so a
+run cut short keeps the points it reached.
+
+With ``--kmeans-iters N`` it also runs k-means with the same K on the model's training
+latents (``--kmeans-tokens-per-code`` latents per code from training crops, initialised
+from random latents, assignments by ``simvq_kernels.nearest_code``) and evaluates its
+codebook on the same held-out latents in the same pass: how many codes this data can
+keep in use with a codebook fitted to it (the data's capacity at this K).
+
+    python python/train_images.py --quantisers simvq --codebook-sizes 64k --threads 1 \\
+        --cpu-budget 12 --save-models ~/.cache/simvq-demos
+    python python/heldout_curve.py --checkpoint ~/.cache/simvq-demos/images_simvq_65536.pt \\
+        --tokens-per-code 10,30,100,200 --out python/results/images/tokens_per_code
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+
+import simvq_kernels as sk
+from simvq_kernels.experiments import curve, data, models, train
+
+
+def load_model(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    m = ck["model"]
+    model = models.build_autoencoder(ck["kind"], ck["codebook_size"], in_ch=m["in_ch"],
+                                     dim=m["dim"], hidden=m["hidden"], n_down=m["n_down"],
+                                     nd=m["nd"], seed=ck["config"]["seed"])
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model, ck
+
+
+@torch.no_grad()
+def latents(model, crops):
+    z = model.encoder(crops)  # (B, d, h, w)
+    return z.movedim(1, -1).reshape(-1, z.shape[1]).contiguous()
+
+
+@torch.no_grad()
+def kmeans(x, k, iters, seed, backend, log=print):
+    """Lloyd's k-means on rows of x, initialised from k distinct random rows; an empty
+    cluster keeps its centre. Returns (centres, per-iteration history)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    hist = []
+    for it in range(iters):
+        t0 = time.process_time()
+        idx, dist = sk.nearest_code(x, c, backend=backend)
+        counts = torch.bincount(idx, minlength=k)
+        sums = torch.zeros_like(c, dtype=torch.float64).index_add_(0, idx, x.double())
+        live = counts > 0
+        c[live] = (sums[live] / counts[live, None]).to(c.dtype)
+        hist.append({"iteration": it + 1, "mse": float(dist.double().mean()) / x.shape[1],
+                     "used": int(live.sum()), "cpu_seconds": time.process_time() - t0})
+        log(f"  k-means {it + 1}/{iters}: {hist[-1]['used']}/{k} clusters non-empty, "
+            f"per-dim MSE {hist[-1]['mse']:.5f}, {hist[-1]['cpu_seconds']:.0f} CPU-s")
+    return c, hist
+
+
+def write(out, payload):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    cols = ["codebook", "tokens", "tokens_per_code", "used", "utilisation", "perplexity",
+            "expected_seen"]
+    with open(os.path.join(out, "curve.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for name, cv in payload["curves"].items():
+            for p in cv["points"]:
+                w.writerow([name] + [p[c] for c in cols[1:]])
+    lines = [f"# Held-out utilisation over tokens per code (K = {payload['codebook_size']})",
+             "", payload["description"], "",
+             "| codebook | tokens per code | held-out tokens | codes used | utilisation "
+             "| expected if sampled from the largest set's histogram | perplexity |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, cv in payload["curves"].items():
+        for p in cv["points"]:
+            lines.append(f"| {name} | {p['tokens_per_code']:g} | {p['tokens']:,} | "
+                         f"{p['used']:,} | {train.format_percent(p['utilisation'])} | "
+                         f"{train.format_percent(p['expected_seen'])} | "
+                         f"{p['perplexity']:,.0f} |")
+    lines += ["", "Largest set: Good-Turing estimate of the probability mass of the codes "
+              "it never picked (singletons / tokens), and Chao1's estimate of the codes in "
+              "use (used + f1^2 / 2 f2):", "",
+              "| codebook | tokens per code | codes used | singletons | unseen mass "
+              "(Good-Turing) | Chao1 codes | Chao1 utilisation |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, cv in payload["curves"].items():
+        f_ = cv["full"]
+        lines.append(f"| {name} | {f_['tokens_per_code']:g} | {f_['used']:,} | "
+                     f"{f_['singletons']:,} | {f_['good_turing_unseen_mass']:.2e} | "
+                     f"{f_['chao1_codes']:,.0f} | "
+                     f"{train.format_percent(f_['chao1_utilisation'])} |")
+    with open(os.path.join(out, "curve.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out, payload):
+    from simvq_kernels.experiments.plots import _plt, _finish
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colours = {"SimVQ": "#1f77b4", "k-means": "#8c564b"}
+    for name, cv in payload["curves"].items():
+        pts = cv["points"]
+        x = [p["tokens_per_code"] for p in pts]
+        col = colours.get(name.split(" ")[0])
+        ax.plot(x, [100 * p["utilisation"] for p in pts], "o-", color=col,
+                label=f"{name}: observed")
+        ax.plot(x, [100 * p["expected_seen"] for p in pts], "x--", color=col,
+                label=f"{name}: expected from the largest set's histogram")
+        for xi, p in zip(x, pts):
+            ax.annotate(train.format_percent(p["utilisation"]), (xi, 100 * p["utilisation"]),
+                        textcoords="offset points", xytext=(0, -12), ha="center",
+                        fontsize=7, color=col)
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out tokens per code")
+    ax.set_ylabel("codes picked at least once (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    _finish(plt, fig, os.path.join(out, "utilisation_vs_tokens_per_code.png"),
+            f"images, K = {payload['codebook_size']}: held-out utilisation vs held-out size",
+            fontsize=9)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="from train_images.py --save-models")
+    p.add_argument("--tokens-per-code", default="10,30,100,200",
+                   help="comma-separated points of the curve")
+    p.add_argument("--seed", type=int, default=2024, help="held-out stream")
+    p.add_argument("--chunk", type=int, default=1024, help="crops per encoder batch")
+    p.add_argument("--kmeans-iters", type=int, default=0,
+                   help="also fit k-means with the same K (0: no)")
+    p.add_argument("--kmeans-tokens-per-code", type=float, default=10.0,
+                   help="training latents for k-means, per code")
+    p.add_argument("--kmeans-only", action="store_true",
+                   help="evaluate the k-means codebook alone (the model's curve was made "
+                        "by an earlier run; halves the search cost)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="cpu", help="nearest_code backend")
+    p.add_argument("--images", default=None,
+                   help="comma-separated skimage.data names (default: the checkpoint's)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    model, ck = load_model(args.checkpoint)
+    k = ck["codebook_size"]
+    notes = ck.get("task_notes", {})
+    names = (args.images.split(",") if args.images
+             else notes.get("images", list(data.DEFAULT_IMAGES)))
+    crop = notes.get("crop", 32)
+    src = data.CropSource(data.load_skimage_images(names), crop=crop)
+    tpc = sorted(float(t) for t in args.tokens_per_code.split(","))
+    per_crop = (crop // 2 ** ck["model"]["n_down"]) ** 2
+    n_crops = -(-int(max(tpc) * k) // per_crop)
+    marks = sorted({min(n_crops * per_crop, int(round(t * k))) for t in tpc})
+
+    if args.kmeans_only and args.kmeans_iters <= 0:
+        raise SystemExit("--kmeans-only needs --kmeans-iters > 0")
+    codebooks = {}
+    if not args.kmeans_only:
+        with torch.no_grad():
+            codebooks["SimVQ" if ck["kind"] == "simvq" else ck["kind"]] = \
+                model.quantiser.codebook.detach().float().contiguous()
+    km_hist = None
+    if args.kmeans_iters > 0:
+        n_train = -(-int(args.kmeans_tokens_per_code * k) // per_crop)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        xs = torch.cat([latents(model, src.train_batch(gen, min(args.chunk, n_train - i)))
+                        for i in range(0, n_train, args.chunk)])
+        print(f"k-means: K = {k} on {xs.shape[0]:,} training latents "
+              f"({xs.shape[0] / k:g} per code), {args.kmeans_iters} iterations", flush=True)
+        ck0 = time.process_time()
+        centres, km_hist = kmeans(xs, k, args.kmeans_iters, args.seed, args.backend)
+        km_cpu = time.process_time() - ck0
+        codebooks["k-means"] = centres
+        del xs
+
+    payload_base = {
+        "codebook_size": k, "checkpoint": os.path.abspath(args.checkpoint),
+        "checkpoint_steps": ck.get("steps_done"), "checkpoint_config": ck.get("config"),
+        "checkpoint_heldout_utilisation_10_per_code": ck.get("heldout_utilisation"),
+        "images": names, "crop": crop, "stream_seed": args.seed, "argv": sys.argv[1:],
+        "environment": train.environment(), "kmeans_history": km_hist}
+    if km_hist is not None:
+        payload_base.update({"kmeans_iters": args.kmeans_iters, "kmeans_cpu_seconds": km_cpu,
+                             "kmeans_tokens_per_code": args.kmeans_tokens_per_code})
+    desc = (f"Model: {ck['kind']} at K = {k} after {ck.get('steps_done')} training steps "
+            f"(config in curve.json). Held-out stream: random {crop}px crops of the "
+            f"held-out strips of {len(names)} skimage images, seed {args.seed}; point n "
+            f"uses the first n tokens. Search: simvq_kernels.nearest_code "
+            f"(backend {args.backend!r}), {args.threads} thread(s).")
+    if km_hist is not None:
+        desc += (f" k-means: Lloyd, {args.kmeans_iters} iterations on "
+                 f"{args.kmeans_tokens_per_code:g} training latents per code from the "
+                 f"same encoder, initialised from random latents.")
+    idx = {name: torch.empty(marks[-1], dtype=torch.int32) for name in codebooks}
+    gen = torch.Generator().manual_seed(args.seed)
+    done, next_mark = 0, 0
+    print(f"held-out stream: {n_crops:,} crops = {marks[-1]:,} tokens, points at "
+          f"{', '.join(f'{m:,}' for m in marks)} tokens", flush=True)
+    while done < marks[-1]:
+        n = min(args.chunk, -(-(marks[-1] - done) // per_crop))
+        z = latents(model, src._crops(gen, n, heldout=True))[: marks[-1] - done]
+        for name, cb in codebooks.items():
+            i, _ = sk.nearest_code(z, cb, backend=args.backend)
+            idx[name][done:done + z.shape[0]] = i.to(torch.int32)
+        done += z.shape[0]
+        while next_mark < len(marks) and done >= marks[next_mark]:
+            m = marks[next_mark]
+            next_mark += 1
+            curves = {name: curve.utilisation_curve(v[:m], k, [x for x in marks if x <= m])
+                      for name, v in idx.items()}
+            payload = {**payload_base, "curves": curves,
+                       "description": desc + (f" Expected fractions use the histogram of "
+                                              f"the largest set reached ({m / k:g} tokens "
+                                              f"per code)."),
+                       "seconds": time.perf_counter() - t0,
+                       "cpu_seconds": time.process_time() - c0}
+            write(args.out, payload)
+            try:
+                plot(args.out, payload)
+            except ImportError as e:
+                print(f"no figure: {e}")
+            for name, cv in curves.items():
+                pt = cv["points"][-1]
+                print(f"  {name}: {pt['tokens_per_code']:g} tokens/code: "
+                      f"{train.format_percent(pt['utilisation'])} used "
+                      f"({pt['used']:,}), expected {train.format_percent(pt['expected_seen'])}"
+                      f", perplexity {pt['perplexity']:,.0f}, Chao1 "
+                      f"{train.format_percent(cv['full']['chao1_utilisation'])}  "
+                      f"[{time.process_time() - c0:.0f} CPU-s]", flush=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
