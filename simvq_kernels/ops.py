@@ -337,12 +337,16 @@ def quantize_train(z, basis, weight, bias=None, backend="auto", *, check_finite=
         out, commit, code, idx, dist = _FusedTrainStep.apply(z, weight, bias, basis, fused)
         return TrainOutput(out, commit, code, idx, dist.to(_dist_dtype(z.dtype)), name)
     x = z.movedim(1, -1).reshape(-1, z.shape[1]) if channel_first else z
-    q = quantize(x.detach(), basis, weight, bias, name, check_finite=False,
-                 duplicate_map=duplicate_map)
+    # values outside float32's safe window: the search in float64, as quantize does
+    # (check_finite=False below would hide the magnitudes from it)
+    cast = (lambda t: None if t is None else t.double()) if wide else (lambda t: t)
+    q = quantize(cast(x.detach()), cast(basis), cast(weight), cast(bias), name,
+                 check_finite=False, duplicate_map=duplicate_map)
     out, commit, code = straight_through_with_losses(x, q.zq.to(z.dtype))
     if channel_first:
         out = out.reshape(z.shape[0], z.shape[2], z.shape[1]).movedim(-1, 1).contiguous()
-    return TrainOutput(out, commit, code, q.indices, q.distances, name)
+    return TrainOutput(out, commit, code, q.indices, q.distances.to(_dist_dtype(z.dtype)),
+                       name)
 
 
 def ensure_loaded() -> bool:

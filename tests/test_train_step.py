@@ -238,3 +238,23 @@ def test_quantize_train_channel_first_matches_composed():
     assert torch.equal(i1, i2)
     for a, c in ((o1, o2), (dz1, dz2), (dw1, dw2), (db1, db2)):
         assert _rel(a, c.double()) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [3e19, 2.0 ** -70])
+def test_values_outside_float32_window_search_in_float64(scale):
+    """Tokens and codes whose squares overflow (or underflow) float32: the training step
+    falls back to the composed path and searches in float64, like quantize and the
+    masked layer path; the picks are the float64 ones."""
+    basis = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    z = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.9, 0.95]]) * scale
+    w = (torch.eye(2) * scale).requires_grad_(True)
+    step = ops.quantize_train(z, basis, w, None, backend="cpu")
+    assert step.indices.tolist() == [0, 1, 2]
+    assert torch.isfinite(step.distances).all() and step.distances.dtype == torch.float32
+    plain = ops.quantize(z, basis, w.detach(), None, backend="cpu")
+    assert torch.equal(step.indices, plain.indices)
+    layer = sk.SimVQ(2, 3, basis_dim=2, bias=False, backend="cpu")
+    with torch.no_grad():
+        layer.basis.copy_(basis)
+        layer.weight.copy_(w.detach())
+    assert layer(z)[1].tolist() == [0, 1, 2]

@@ -1039,7 +1039,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
 // Both reduce over fixed chunks of kBwdChunk tokens in chunk order (double partials):
 // the same bits for any thread count and ISA. float32 / float64 tokens only.
 void check_train_tokens(const at::Tensor& z, const at::Tensor& basis) {
-  SIMVQ_CHECK(z.device().is_cpu(), "the CPU kernel got `z` on ", z.device());
+  SIMVQ_CHECK(z.device().is_cpu() && basis.device().is_cpu(), "the CPU kernel got `z` on ",
+              z.device(), " and `basis` on ", basis.device());
   SIMVQ_CHECK(z.dim() == 2 || z.dim() == 3,
               "`z` must be (N, d) or channel-first (B, d, T), got shape ", z.sizes());
   SIMVQ_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
@@ -1240,6 +1241,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
   SIMVQ_CHECK(d_out.sizes() == z_in.sizes() && d_out.scalar_type() == z_in.scalar_type(),
               "`d_out` must match `z` ", z_in.sizes(), " ", z_in.scalar_type(), ", got ",
               d_out.sizes(), " ", d_out.scalar_type());
+  SIMVQ_CHECK(d_out.device().is_cpu() && basis.device().is_cpu() && codebook.device().is_cpu() &&
+                  indices.device().is_cpu(),
+              "the CPU kernel got `d_out`, `basis`, `codebook`, `indices` on ", d_out.device(),
+              ", ", basis.device(), ", ", codebook.device(), ", ", indices.device());
   const TokenLayout lay = layout_of(z_in);
   const int64_t d = lay.d, N = z_in.dim() == 3 ? z_in.size(0) * z_in.size(2) : z_in.size(0);
   SIMVQ_CHECK(codebook.dim() == 2 && codebook.size(0) == basis.size(0) &&
