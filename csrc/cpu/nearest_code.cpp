@@ -934,11 +934,16 @@ void chunk_grad(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t n0,
     for (int64_t j = 0; j < d; ++j) db[j] += double(gc[i * d + j]);
 }
 
-template <typename T>
-void quantize_backward_kernel(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t N,
-                              int64_t d, int64_t r, T* dw_out, T* db_out) {
+// The chunked reduction of both backward kernels: tokens cut into fixed chunks of
+// kBwdChunk (a function of N only); chunk_body(c, n0, n1, dw_part, db_part) fills chunk
+// c's partial dW (d x r, T) and db (d, double) on one thread; groups of kBwdGroup chunks
+// run in parallel, and their partials are added in double in chunk order, then scaled:
+// the same bits for any thread count. Scratch: kBwdGroup partials.
+template <typename T, typename Body>
+void reduce_token_chunks(int64_t N, int64_t d, int64_t r, double scale, T* dw_out,
+                         T* db_out, const Body& chunk_body) {
   const int64_t dr = d * r;
-  std::vector<double> dw(dr, 0.0), db(d, 0.0);  // accumulated in double, in chunk order
+  std::vector<double> dw(dr, 0.0), db(d, 0.0);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
   std::vector<T> part(group * dr);
@@ -947,9 +952,8 @@ void quantize_backward_kernel(Isa isa, const T* g, const T* B, const int64_t* id
     const int64_t c1 = std::min(chunks, c0 + group);
     at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
-        const int64_t s = c - c0;
-        chunk_grad<T>(isa, g, B, idx, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk), d, r,
-                      part.data() + s * dr, part_db.data() + s * d);
+        chunk_body(c, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk),
+                   part.data() + (c - c0) * dr, part_db.data() + (c - c0) * d);
       }
     });
     for (int64_t c = c0; c < c1; ++c) {
@@ -961,8 +965,17 @@ void quantize_backward_kernel(Isa isa, const T* g, const T* B, const int64_t* id
       for (int64_t j = 0; j < d; ++j) db[j] += pb[j];
     }
   }
-  for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(dw[i]);
-  for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(db[j]);
+  for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(scale * dw[i]);
+  for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(scale * db[j]);
+}
+
+template <typename T>
+void quantize_backward_kernel(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t N,
+                              int64_t d, int64_t r, T* dw_out, T* db_out) {
+  reduce_token_chunks<T>(N, d, r, 1.0, dw_out, db_out,
+                         [&](int64_t, int64_t n0, int64_t n1, T* dw, double* db) {
+                           chunk_grad<T>(isa, g, B, idx, n0, n1, d, r, dw, db);
+                         });
 }
 
 // codebook = basis @ weight^T + bias (K x d) in T, each value one FMA chain over r in
@@ -1174,63 +1187,38 @@ template <typename T>
 void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& lay,
                            const T* q, const T* B, const int64_t* idx, int64_t N, int64_t d,
                            int64_t r, T cz, double cq, T* dz, T* dw_out, T* db_out) {
-  const int64_t dr = d * r;
-  std::vector<double> dw(dr, 0.0), db(d, 0.0);
-  const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
-  const int64_t group = std::min(kBwdGroup, std::max<int64_t>(chunks, 1));
-  std::vector<T> part(group * dr);
-  std::vector<double> part_db(group * d);
   const bool cf = lay.channel_first();
-  for (int64_t c0 = 0; c0 < chunks; c0 += group) {
-    const int64_t c1 = std::min(chunks, c0 + group);
-    at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
-      T* diff = thread_buffer<T, 3>(kBwdChunk * d);
-      // channel-first: the chunk's z, d_out and dz rows go through buffers
-      T* zb = cf ? thread_buffer<T, 4>(kBwdChunk * d) : nullptr;
-      T* gb = cf ? thread_buffer<T, 5>(kBwdChunk * d) : nullptr;
-      T* dzb = cf ? thread_buffer<T, 6>(kBwdChunk * d) : nullptr;
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
-        const T* zc = z + n0 * d;
-        const T* gc = g + n0 * d;
-        T* dzc = dz + n0 * d;
-        if (cf) {
-          gather_channel_first(z, lay, n0, n1, zb);
-          gather_channel_first(g, lay, n0, n1, gb);
-          zc = zb, gc = gb, dzc = dzb;
-        }
-        double* pdb = part_db.data() + (c - c0) * d;
-        for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
-        for (int64_t n = n0; n < n1; ++n) {
-          const T* zr = zc + (n - n0) * d;
-          const T* qr = q + idx[n] * d;
-          const T* gr = gc + (n - n0) * d;
-          T* dr_ = diff + (n - n0) * d;
-          T* dzr = dzc + (n - n0) * d;
-          for (int64_t j = 0; j < d; ++j) {
-            const T v = qr[j] - zr[j];
-            dr_[j] = v;
-            dzr[j] = gr[j] - cz * v;
-            pdb[j] += double(v);
-          }
-        }
-        if (cf) scatter_channel_first(dzb, lay, n0, n1, dz);
-        // partial[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
-        cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr,
-                         part.data() + (c - c0) * dr, r);
-      }
-    });
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* p = part.data() + (c - c0) * dr;
-      const double* pb = part_db.data() + (c - c0) * d;
-      at::parallel_for(0, dr, 16384, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dw[i] += double(p[i]);
-      });
-      for (int64_t j = 0; j < d; ++j) db[j] += pb[j];
+  reduce_token_chunks<T>(N, d, r, cq, dw_out, db_out,
+                         [&](int64_t, int64_t n0, int64_t n1, T* dw, double* pdb) {
+    T* diff = thread_buffer<T, 3>(kBwdChunk * d);
+    const T* zc = z + n0 * d;
+    const T* gc = g + n0 * d;
+    T* dzc = dz + n0 * d;
+    if (cf) {  // channel-first: the chunk's z, d_out and dz rows go through buffers
+      T* zb = thread_buffer<T, 4>(kBwdChunk * d);
+      T* gb = thread_buffer<T, 5>(kBwdChunk * d);
+      gather_channel_first(z, lay, n0, n1, zb);
+      gather_channel_first(g, lay, n0, n1, gb);
+      zc = zb, gc = gb, dzc = thread_buffer<T, 6>(kBwdChunk * d);
     }
-  }
-  for (int64_t i = 0; i < dr; ++i) dw_out[i] = static_cast<T>(cq * dw[i]);
-  for (int64_t j = 0; j < d; ++j) db_out[j] = static_cast<T>(cq * db[j]);
+    for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* zr = zc + (n - n0) * d;
+      const T* qr = q + idx[n] * d;
+      const T* gr = gc + (n - n0) * d;
+      T* dr_ = diff + (n - n0) * d;
+      T* dzr = dzc + (n - n0) * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = qr[j] - zr[j];
+        dr_[j] = v;
+        dzr[j] = gr[j] - cz * v;
+        pdb[j] += double(v);
+      }
+    }
+    if (cf) scatter_channel_first(dzc, lay, n0, n1, dz);
+    // dw[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
+    cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr, dw, r);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
