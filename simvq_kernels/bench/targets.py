@@ -115,13 +115,10 @@ def evaluate_targets(result: BenchResult) -> list:
     for r in result.rows:  # serving: encode (cached codebook) vs the bare search
         if r.provider not in fused or r.op not in ("encode", "eval") or not r.median:
             continue
-        bare = by.get((r.provider, r.shape, "fwd", r.mode))
-        if r.paired_vs_search is not None:  # timed alternately in one process
-            x, how = r.paired_vs_search, "paired"
-        elif bare is not None:
-            x, how = r.median / bare.median, "medians of two rows"
-        else:
+        vs = _vs_search(r, by)
+        if vs is None:
             continue
+        x, how = vs
         if r.op == "encode":
             out.append((f"{name(r)} encode <= {ENCODE_TARGET:g}x the bare search over a "
                         f"precomputed codebook at {r.shape.label}", f"{x:.2f}x ({how})",
@@ -164,6 +161,18 @@ def _peak_targets(result: BenchResult, fwd, name) -> list:
     return out
 
 
+def _vs_search(r, by: dict):
+    """(row's time over the bare forward search on the same inputs, how it was measured),
+    or None: paired where the row's process timed both alternately, else the medians of
+    the two rows."""
+    if r.paired_vs_search is not None:
+        return r.paired_vs_search, "paired"
+    bare = by.get((r.provider, r.shape, "fwd", r.mode))
+    if bare is not None:
+        return r.median / bare.median, "medians of two rows"
+    return None
+
+
 def _layer_search_targets(result: BenchResult, by: dict, name) -> list:
     """The training step over the bare forward search on the same inputs: a target at
     the training shapes in float32, info elsewhere."""
@@ -172,13 +181,10 @@ def _layer_search_targets(result: BenchResult, by: dict, name) -> list:
         if r.provider not in result.fused or r.op not in ("layer", "layer_cf") or \
                 not r.median:
             continue
-        bare = by.get((r.provider, r.shape, "fwd", r.mode))
-        if r.paired_vs_search is not None:  # timed alternately in one process
-            x, how = r.paired_vs_search, "paired"
-        elif bare is not None:
-            x, how = r.median / bare.median, "medians of two rows"
-        else:
+        vs = _vs_search(r, by)
+        if vs is None:
             continue
+        x, how = vs
         what = f"{name(r)} {r.op_label}"
         if _is_training_shape(r.shape, r.mode):
             out.append((f"{what} <= {LAYER_SEARCH_TARGET:g}x the forward search alone at "
