@@ -3,9 +3,13 @@ processes, on every backend.
 
 What is promised and tested here:
 - nearest_code / simvq_quantize: indices, distances and zq are bit-identical across
-  repeated calls, across torch.set_num_threads(1, 2, 3, 4) (3 and 4 oversubscribe a
-  2-core box, which changes how the CPU kernel splits the code range), and across
-  processes started with OMP_NUM_THREADS=1 and =2.
+  repeated calls on every backend. On a thread-invariant backend (`Backend.thread_invariant`:
+  the `cpu` one) also across torch.set_num_threads(1, 2, 3, 4) (3 and 4 oversubscribe a
+  2-core box, which changes how the CPU kernel splits the code range) and across
+  processes started with OMP_NUM_THREADS=1 and =2. The pure-PyTorch backends are checked
+  across runs and processes at each thread count only: their products are torch.mm,
+  whose BLAS may split a reduction by thread count (MKL's AVX2 code does, so their bits
+  change with the thread count on an AMD CPU or under MKL_ENABLE_INSTRUCTIONS=AVX2).
 - The `cpu` backend, every dtype (float32, float64, and bf16/fp16 searched in float32):
   indices, distances, zq, dW and db are also bit-identical across the instruction sets
   it runs (scalar, AVX2, AVX-512: forced in-process here, and in a child process with
@@ -46,6 +50,17 @@ from simvq_kernels import backends as _backends
 
 BACKENDS = [b for b in sk.available_backends()
             if _backends.BACKENDS[b].why_not(torch.device("cpu"), torch.float32) is None]
+# the backends whose bits do not depend on the thread count (no BLAS on their paths)
+INVARIANT = [b for b in BACKENDS if _backends.BACKENDS[b].thread_invariant]
+
+
+def _thread_orders(backend):
+    """Thread counts to run in turn: all of them in one group for a thread-invariant
+    backend (every result must agree), else one group per count (runs must agree)."""
+    seq = THREADS + THREADS[::-1]
+    if backend in INVARIANT:
+        return [seq]
+    return [[t, t] for t in THREADS]
 
 SHAPES = [(1, 5000, 32), (100, 3000, 16), (700, 2100, 24), (257, 1025, 8), (3, 70, 5)]
 THREADS = [1, 2, 3, 4]
@@ -82,12 +97,14 @@ def _bits(*ts):
 def test_nearest_code_bit_identical_across_runs_and_threads(backend, dtype, restore_threads):
     for n, k, d in SHAPES:
         z, q = _problem(n, k, d, dtype)
-        seen = {}
-        for threads in THREADS + THREADS[::-1]:
-            torch.set_num_threads(threads)
-            idx, dist = sk.nearest_code(z, q, backend=backend)
-            seen.setdefault(_bits(idx, dist), []).append(threads)
-        assert len(seen) == 1, f"N={n} K={k} d={d}: results differ by thread count: {seen}"
+        for group in _thread_orders(backend):
+            seen = {}
+            for threads in group:
+                torch.set_num_threads(threads)
+                idx, dist = sk.nearest_code(z, q, backend=backend)
+                seen.setdefault(_bits(idx, dist), []).append(threads)
+            assert len(seen) == 1, \
+                f"N={n} K={k} d={d}: results differ by run or thread count: {seen}"
 
 
 def _quantize_problem(n, k, d, dtype):
@@ -118,12 +135,13 @@ def test_quantize_forward_bit_identical_across_runs_and_threads(backend, dtype,
                                                                 restore_threads):
     for n, k, d in QUANTIZE_SHAPES:
         prob = _quantize_problem(n, k, d, dtype)
-        seen = {}
-        for threads in THREADS + THREADS[::-1]:
-            torch.set_num_threads(threads)
-            seen.setdefault(_quantize_run(backend, *prob)[0], []).append(threads)
-        assert len(seen) == 1, f"N={n} K={k}: zq/indices/distances differ by thread count: " \
-            f"{seen}"
+        for group in _thread_orders(backend):
+            seen = {}
+            for threads in group:
+                torch.set_num_threads(threads)
+                seen.setdefault(_quantize_run(backend, *prob)[0], []).append(threads)
+            assert len(seen) == 1, \
+                f"N={n} K={k}: zq/indices/distances differ by run or thread count: {seen}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -157,8 +175,8 @@ def test_cpu_backward_independent_of_thread_count(restore_threads):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_forward_bit_identical_across_threads_backward_across_runs(backend,
-                                                                           restore_threads):
+def test_layer_bit_identical_across_runs_and_threads(backend,
+                                                      restore_threads):
     def step():
         torch.manual_seed(0)
         layer = sk.SimVQ(16, 1500, backend=backend)
@@ -173,9 +191,13 @@ def test_layer_forward_bit_identical_across_threads_backward_across_runs(backend
         torch.set_num_threads(threads)
         fwd, bwd = step()
         forward.setdefault(fwd, []).append(threads)
-        assert {step()[1] for _ in range(2)} == {bwd}, \
+        runs = [step() for _ in range(2)]
+        assert {r[1] for r in runs} == {bwd}, \
             f"layer gradients differ between runs at {threads} threads"
-    assert len(forward) == 1, f"layer forward differs by thread count: {forward}"
+        assert {r[0] for r in runs} == {fwd}, \
+            f"layer forward differs between runs at {threads} threads"
+    if backend in INVARIANT:
+        assert len(forward) == 1, f"layer forward differs by thread count: {forward}"
 
 
 _CHILD = textwrap.dedent("""
@@ -192,24 +214,35 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_bit_identical_across_processes_and_omp_threads():
+def _child_digest(omp, backends):
     here = os.path.dirname(os.path.abspath(__file__))
-    digests = {}
+    env = dict(os.environ, OMP_NUM_THREADS=omp, MKL_NUM_THREADS=omp)
+    res = subprocess.run([sys.executable, "-c", _CHILD, here, *backends],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    threads, digest = res.stdout.split()[-2:]
+    assert threads == omp, f"the child ran with {threads} threads, not {omp}"
+    return digest
+
+
+def test_bit_identical_across_processes_and_omp_threads(restore_threads):
+    """Thread-invariant backends: one digest for OMP_NUM_THREADS=1, =2 and this process
+    (set to 3 threads). The others: two processes at the same thread count agree."""
+    if INVARIANT:
+        digests = {omp: _child_digest(omp, INVARIANT) for omp in ("1", "2")}
+        torch.set_num_threads(3)
+        local = []
+        for backend in INVARIANT:
+            for n, k, d in [(1, 5000, 32), (700, 2100, 24)]:
+                z, q = _problem(n, k, d, torch.float32)
+                local.append(_bits(*sk.nearest_code(z, q, backend=backend)))
+        digests["this process, 3 threads"] = hashlib.sha256("".join(local).encode()).hexdigest()
+        assert len(set(digests.values())) == 1, digests
+    others = [b for b in BACKENDS if b not in INVARIANT]
     for omp in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=omp, MKL_NUM_THREADS=omp)
-        res = subprocess.run([sys.executable, "-c", _CHILD, here, *BACKENDS],
-                             capture_output=True, text=True, env=env, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        threads, digest = res.stdout.split()[-2:]
-        assert threads == omp, f"the child ran with {threads} threads, not {omp}"
-        digests[omp] = digest
-    local = []
-    for backend in BACKENDS:
-        for n, k, d in [(1, 5000, 32), (700, 2100, 24)]:
-            z, q = _problem(n, k, d, torch.float32)
-            local.append(_bits(*sk.nearest_code(z, q, backend=backend)))
-    digests["this process"] = hashlib.sha256("".join(local).encode()).hexdigest()
-    assert len(set(digests.values())) == 1, digests
+        if others:
+            pair = {_child_digest(omp, others) for _ in range(2)}
+            assert len(pair) == 1, f"{others} differ between processes at {omp} threads"
 
 
 ISAS = ["scalar", "avx2", "avx512"]

@@ -42,6 +42,12 @@ class Backend:
             ``quantize_train_backward``, the SimVQ layer's fused training step for
             float32 / float64 tokens (see ``ops.quantize_train``); the others get the
             step composed from ``quantize`` and the straight-through estimator.
+        thread_invariant: its results (indices, distances, zq, and the backward's
+            dW, db) are bit-identical across thread counts and CPU instruction sets,
+            because no BLAS is called on its paths. The others promise identical
+            results across runs at a fixed thread count only: their products are
+            torch's, whose BLAS picks its kernel (and its split of a reduction) by CPU
+            vendor, ISA and thread count.
 
     The calls receive validated inputs (ranks, widths, devices, dtypes, finiteness);
     N may be 0 and views may be non-contiguous or offset.
@@ -56,6 +62,7 @@ class Backend:
     # whether the calls use a caller's cached ``duplicate_map`` (else it is ignored)
     wants_duplicate_map: bool = False
     has_train_step: bool = False
+    thread_invariant: bool = False
 
     # ------------------------------------------------------------------ what it serves
 

@@ -17,6 +17,7 @@ class CPUBackend(CompiledBackend):
     auto = True
     dispatch_key = "CPU"
     has_train_step = True
+    thread_invariant = True  # no BLAS: fixed FMA chains (csrc/cpu/fma_rows.h)
 
     # The layer's fused training step (ops.quantize_train): csrc/cpu/nearest_code.cpp.
     def quantize_train(self, z, basis, weight, bias):
