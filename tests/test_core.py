@@ -105,13 +105,16 @@ def test_duplicate_codes_lowest_index_wins(backend, k):
     check_nearest(z, cb, idx, dist, u=0.0)
 
 
-# Small d on the CPU kernel's register-blocked path (12 tokens x 32 codes per block on
-# AVX-512, 6 x 16 on AVX2, code tiles of up to 8192 codes, code-range splits when few
-# token tiles): edges at K around multiples of 16, 32 and 4096, N around block and
+# Small d on the CPU kernel's register-blocked path (32 tokens x 14 codes per block on
+# AVX-512, 16 x 6 on AVX2, code tiles of whole panels up to 8192 codes, code-range
+# splits when few token tiles): edges at K around multiples of 6, 14, 16, 32 and 4096
+# and around 8190 (the largest whole-panel tile), N around block (16, 32) and
 # token-tile multiples, d = 1..17.
 SMALL_D_SHAPES = [(1, 1, 1), (3, 15, 2), (5, 16, 8), (7, 17, 16), (257, 31, 5),
                   (258, 32, 13), (1030, 33, 16), (1029, 4095, 3), (771, 4097, 8),
-                  (2050, 8193, 11), (4096, 300, 17), (6, 20000, 4)]
+                  (2050, 8193, 11), (4096, 300, 17), (6, 20000, 4), (15, 5, 3),
+                  (16, 6, 7), (17, 7, 2), (31, 13, 9), (32, 14, 6), (33, 29, 12),
+                  (97, 8191, 6), (40, 8205, 4)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

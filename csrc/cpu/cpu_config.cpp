@@ -325,7 +325,7 @@ std::string describe(const KernelConfig& c) {
     << ", \"float32_path\": "
     << json_string(blocked ? std::string("float32: ") + isa_name(c.isa) +
                                  " register-blocked GEMM + argmin (" +
-                                 (c.isa == Isa::kAvx512 ? "12 tokens x 32 codes" : "6 tokens x 16 codes") +
+                                 (c.isa == Isa::kAvx512 ? "32 tokens x 14 codes" : "16 tokens x 6 codes") +
                                  " per block), no BLAS, over code tiles of a quarter of the L2 "
                                  "share of packed codes (a set tile: its codes rounded up to "
                                  "whole panels); float64: fixed-order FMA tiles of the tile below"

@@ -5,8 +5,8 @@
 // token) and ||z||^2 is added once at the end for the returned distance. Two paths,
 // picked from the dtype and the CPU's instruction set (cpu_config.h; both forcible):
 //  - float32 on AVX-512 / AVX2, any d: a register-blocked GEMM with the argmin as its
-//    epilogue (12 tokens x 32 codes per block on AVX-512, 6 x 16 on AVX2) over packed
-//    code panels; the products never leave the registers and no BLAS is called, so the
+//    epilogue (32 tokens in lanes x 14 broadcast codes per block on AVX-512, 16 x 6 on
+//    AVX2) over packed code panels; the products never leave the registers and no BLAS is called, so the
 //    speed does not depend on which kernel a BLAS picks for the CPU
 //    (nearest_code_blocked);
 //  - float64, or the scalar ISA: tiles of tile_n tokens x tile_k codes, each tile's
@@ -80,6 +80,12 @@ int32_t first_equal_scalar(const float* c, const float* qn, int32_t n, float m) 
 }
 
 #ifdef SIMVQ_X86
+// _mm512_min_ps with a zero pass-through (GCC's form reads an undefined vector, which
+// -Wmaybe-uninitialized reports): x < m ? x : m, so m when x is NaN or equal
+__attribute__((target("avx512f"))) inline __m512 min16(__m512 x, __m512 m) {
+  return _mm512_maskz_min_ps(__mmask16(0xFFFF), x, m);
+}
+
 __attribute__((target("avx512f"))) float row_min_avx512(const float* c, const float* qn,
                                                         int32_t n) {
   constexpr int W = 16;
@@ -87,15 +93,15 @@ __attribute__((target("avx512f"))) float row_min_avx512(const float* c, const fl
   __m512 a1 = a0, a2 = a0, a3 = a0;
   int32_t j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
-    a0 = _mm512_min_ps(a0, _mm512_add_ps(_mm512_loadu_ps(c + j), _mm512_loadu_ps(qn + j)));
-    a1 = _mm512_min_ps(a1, _mm512_add_ps(_mm512_loadu_ps(c + j + W),
+    a0 = min16(a0, _mm512_add_ps(_mm512_loadu_ps(c + j), _mm512_loadu_ps(qn + j)));
+    a1 = min16(a1, _mm512_add_ps(_mm512_loadu_ps(c + j + W),
                                          _mm512_loadu_ps(qn + j + W)));
-    a2 = _mm512_min_ps(a2, _mm512_add_ps(_mm512_loadu_ps(c + j + 2 * W),
+    a2 = min16(a2, _mm512_add_ps(_mm512_loadu_ps(c + j + 2 * W),
                                          _mm512_loadu_ps(qn + j + 2 * W)));
-    a3 = _mm512_min_ps(a3, _mm512_add_ps(_mm512_loadu_ps(c + j + 3 * W),
+    a3 = min16(a3, _mm512_add_ps(_mm512_loadu_ps(c + j + 3 * W),
                                          _mm512_loadu_ps(qn + j + 3 * W)));
   }
-  float m = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(a0, a1), _mm512_min_ps(a2, a3)));
+  float m = _mm512_reduce_min_ps(min16(min16(a0, a1), min16(a2, a3)));
   for (; j < n; ++j) m = std::min(m, c[j] + qn[j]);
   return m;
 }
@@ -483,33 +489,38 @@ void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* par
 
 // ------------------------------------------------- register-blocked fused search
 // float32 on AVX-512 / AVX2 (any d): the tile product is not a BLAS call but a
-// register-blocked kernel whose output never leaves the registers. The codebook is
-// packed once per call into panels of NR codes, dimension-major and scaled by -2
-// (exact), with ||Q||^2 beside them (+inf for padding codes), and each task's tokens
-// into blocks of MR, dimension-major. For a block of MR tokens and one panel, MR x NR
-// accumulators start at ||Q||^2 and take v = ||Q||^2 + sum_j z_j (-2 Q_j) as FMAs in j
-// order; the result is folded at once, without a branch, into a per-token, per-lane
-// running (min, position), seeded with the token's best from earlier code tiles and
-// updated with a strict '<' in increasing code order. A block streams the packed codes
-// of one code tile (sized to stay in L2) while its tokens stay in L1.
+// register-blocked kernel whose output never leaves the registers. Tokens sit in the
+// vector lanes and codes are broadcast: each task's tokens are packed into blocks of MR
+// (two vectors), dimension-major, and the codebook once per call into panels of NR
+// codes, dimension-major and scaled by -2 (exact), with ||Q||^2 beside them (+inf for
+// padding codes). For a block and one panel, MR x NR accumulators start at ||Q||^2 and
+// take v = ||Q||^2 + sum_j z_j (-2 Q_j) as FMAs in j order. Each token's running
+// (min, position) lives in its lane of two registers for the whole code tile, so the
+// epilogue is a vertical min over the panel's NR codes per vector (one op per
+// accumulator) and a compare with the running min; only when some lane improved does it
+// walk the panel's codes in order with a strict '<' (first the running min is seeded
+// with the token's best from earlier code tiles), which keeps the lowest code among
+// equal values. A block streams the packed codes of one code tile (sized to stay in L2:
+// NR floats per step, broadcast) while its tokens stay in L1.
 //
 // Every (token, code) value is formed by the same operations in the same order wherever
 // it sits (tile, panel, lane, task), so exact duplicate codes get identical values and
 // the result depends on neither the thread count nor the tile; the AVX2 kernel runs the
-// same FMAs on 8-lane halves, so both ISAs give the same values bit for bit. (It
-// replaced a separate d <= 16 path of 4 tokens x 32 codes, which formed the same values
-// but ran 10-30% slower.) No BLAS is called, so the speed does not depend on
-// which kernel a BLAS picks for the CPU (MKL runs its AVX2 code on AMD processors that
-// have AVX-512).
+// same FMAs on 8-lane vectors, so both ISAs give the same values bit for bit. (It
+// replaced a layout of 12 broadcast tokens x 32 codes in lanes, 5-12% slower at K >=
+// 8192: its code stream was 2.3x wider and its running minima went through memory after
+// every panel.) No BLAS is called, so the speed does not depend on which kernel a BLAS
+// picks for the CPU (MKL runs its AVX2 code on AMD processors that have AVX-512).
 //
 // Memory: the packed codebook (K x d floats, rounded up to whole panels) per call; per
 // thread, the task's packed tokens (tile_n x d floats, rounded up to whole blocks).
 #ifdef SIMVQ_X86
-constexpr int kMr512 = 12, kNr512 = 32;  // 24 accumulators of 32 zmm registers
-constexpr int kMr256 = 6, kNr256 = 16;   // 12 accumulators of 16 ymm registers
+constexpr int kMr512 = 32, kNr512 = 14;  // 28 accumulators + 2 token vectors + 1 broadcast
+constexpr int kMr256 = 16, kNr256 = 6;   // 12 accumulators + 2 token vectors + 1 broadcast
+static_assert(kNr512 % 2 == 0 && kNr256 % 2 == 0, "the epilogue's min runs in pairs");
 // The packed codes are read as one sequential stream from L2; each step prefetches the
 // line this many steps ahead into L1 (a prefetch past the end is harmless).
-constexpr int kPrefetchAhead = 16;
+constexpr int kPrefetchAhead = 8;
 
 // dst[p][j][l] = -2 q[k0 + p NR + l][j] for the panels covering codes [k0, k0 + bk);
 // padding codes are 0 with ||Q||^2 = +inf, so they never win.
@@ -549,139 +560,148 @@ void pack_token_tile(const float* z, int64_t d, int64_t n0, int64_t n1, int mr, 
   }
 }
 
-// One block of kMr512 tokens (packed a) against `panels` panels of kNr512 codes (packed
-// b, norms qb) whose first code is k0; folds the block's results into val/idx[0..rows)
-// (strict '<': earlier tiles hold lower indices).
+// One block of kMr512 tokens (packed a, two vectors) against `panels` panels of kNr512
+// codes (packed b, norms qb) whose first code is k0; folds the results into
+// val/idx[0..rows) (strict '<': earlier tiles hold lower indices).
 __attribute__((target("avx512f"))) void block_scan_avx512(
     const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
     int rows, float* val, int64_t* idx) {
-  constexpr int MR = kMr512, NR = kNr512;
-  alignas(64) float bv[MR][16];
-  alignas(64) int32_t bi[MR][16];
-  for (int r = 0; r < MR; ++r) {
-    const float seed = r < rows ? val[r] : std::numeric_limits<float>::infinity();
-    _mm512_store_ps(bv[r], _mm512_set1_ps(seed));
-    _mm512_store_si512(bi[r], _mm512_set1_epi32(-1));
+  constexpr int MR = kMr512, NR = kNr512, TV = 2;
+  const float inf = std::numeric_limits<float>::infinity();
+  alignas(64) float seed[MR];
+  for (int r = 0; r < MR; ++r) seed[r] = r < rows ? val[r] : inf;
+  __m512 bv[TV];
+  __m512i bi[TV];
+  for (int t = 0; t < TV; ++t) {
+    bv[t] = _mm512_load_ps(seed + 16 * t);
+    bi[t] = _mm512_set1_epi32(-1);
   }
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t p = 0; p < panels; ++p) {
     const float* bq = b + p * NR * d;
-    const __m512 n0 = _mm512_loadu_ps(qb + p * NR), n1 = _mm512_loadu_ps(qb + p * NR + 16);
-    __m512 c0[MR], c1[MR];
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      c0[r] = n0;
-      c1[r] = n1;
-    }
+    const float* qn = qb + p * NR;
+    __m512 c[TV][NR];
+#pragma GCC unroll 16
+    for (int k = 0; k < NR; ++k) c[0][k] = c[1][k] = _mm512_set1_ps(qn[k]);
     const float* ap = a;
     for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
       _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
-      const __m512 b0 = _mm512_loadu_ps(bq), b1 = _mm512_loadu_ps(bq + 16);
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(ap[r]);
-        c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-        c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+      const __m512 a0 = _mm512_loadu_ps(ap), a1 = _mm512_loadu_ps(ap + 16);
+#pragma GCC unroll 16
+      for (int k = 0; k < NR; ++k) {
+        const __m512 bc = _mm512_set1_ps(bq[k]);
+        c[0][k] = _mm512_fmadd_ps(a0, bc, c[0][k]);
+        c[1][k] = _mm512_fmadd_ps(a1, bc, c[1][k]);
       }
     }
-    // codes p NR + l (c0) before p NR + 16 + l (c1): strict '<' keeps the lower on ties
-    const __m512i pos0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(p * NR)));
-    const __m512i pos1 = _mm512_add_epi32(pos0, _mm512_set1_epi32(16));
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      __m512 v = _mm512_load_ps(bv[r]);
-      __m512i ix = _mm512_load_si512(bi[r]);
-      __mmask16 lt = _mm512_cmp_ps_mask(c0[r], v, _CMP_LT_OQ);
-      v = _mm512_mask_mov_ps(v, lt, c0[r]);
-      ix = _mm512_mask_mov_epi32(ix, lt, pos0);
-      lt = _mm512_cmp_ps_mask(c1[r], v, _CMP_LT_OQ);
-      _mm512_store_ps(bv[r], _mm512_mask_mov_ps(v, lt, c1[r]));
-      _mm512_store_si512(bi[r], _mm512_mask_mov_epi32(ix, lt, pos1));
+#pragma GCC unroll 2
+    for (int t = 0; t < TV; ++t) {
+      // min16(x, m) is m when x is NaN or equal: m never loses the running minimum
+      __m512 m0 = min16(c[t][0], bv[t]), m1 = min16(c[t][1], bv[t]);
+#pragma GCC unroll 16
+      for (int k = 2; k < NR; k += 2) {
+        m0 = min16(c[t][k], m0);
+        m1 = min16(c[t][k + 1], m1);
+      }
+      if (_mm512_cmp_ps_mask(min16(m0, m1), bv[t], _CMP_LT_OQ) != 0) {
+        const int32_t pos = int32_t(p * NR);  // some lane improved: codes in order
+#pragma GCC unroll 16
+        for (int k = 0; k < NR; ++k) {
+          const __mmask16 lt = _mm512_cmp_ps_mask(c[t][k], bv[t], _CMP_LT_OQ);
+          bv[t] = _mm512_mask_mov_ps(bv[t], lt, c[t][k]);
+          bi[t] = _mm512_mask_mov_epi32(bi[t], lt, _mm512_set1_epi32(pos + k));
+        }
+      }
     }
   }
+  alignas(64) float bvs[MR];
+  alignas(64) int32_t bis[MR];
+  for (int t = 0; t < TV; ++t) {
+    _mm512_store_ps(bvs + 16 * t, bv[t]);
+    _mm512_store_si512(bis + 16 * t, bi[t]);
+  }
   for (int r = 0; r < rows; ++r) {
-    const __m512 v = _mm512_load_ps(bv[r]);
-    const float m = _mm512_reduce_min_ps(v);
-    if (m < val[r]) {  // lanes that reach m improved on the seed, so their index is set;
-                       // each holds its earliest position of m: the lowest one wins
-      const __mmask16 eq = _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ);
-      val[r] = m;
-      idx[r] = k0 + _mm512_mask_reduce_min_epi32(eq, _mm512_load_si512(bi[r]));
+    if (bis[r] >= 0) {  // improved on the seed
+      val[r] = bvs[r];
+      idx[r] = k0 + bis[r];
     }
   }
 }
 
-// block_scan_avx512 on 8-lane vectors: blocks of kMr256 tokens, panels of kNr256 codes
-// (two halves of 8), the same FMAs in the same order per (token, code).
+// block_scan_avx512 on 8-lane vectors: blocks of kMr256 tokens (two vectors), panels of
+// kNr256 codes, the same FMAs in the same order per (token, code).
 __attribute__((target("avx2,fma"))) void block_scan_avx2(
     const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
     int rows, float* val, int64_t* idx) {
-  constexpr int MR = kMr256, NR = kNr256;
-  alignas(32) float bv[MR][8];
-  alignas(32) int32_t bi[MR][8];
-  for (int r = 0; r < MR; ++r) {
-    const float seed = r < rows ? val[r] : std::numeric_limits<float>::infinity();
-    _mm256_store_ps(bv[r], _mm256_set1_ps(seed));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bi[r]), _mm256_set1_epi32(-1));
+  constexpr int MR = kMr256, NR = kNr256, TV = 2;
+  const float inf = std::numeric_limits<float>::infinity();
+  alignas(32) float seed[MR];
+  for (int r = 0; r < MR; ++r) seed[r] = r < rows ? val[r] : inf;
+  __m256 bv[TV];
+  __m256i bi[TV];
+  for (int t = 0; t < TV; ++t) {
+    bv[t] = _mm256_load_ps(seed + 8 * t);
+    bi[t] = _mm256_set1_epi32(-1);
   }
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t p = 0; p < panels; ++p) {
     const float* bq = b + p * NR * d;
-    const __m256 n0 = _mm256_loadu_ps(qb + p * NR), n1 = _mm256_loadu_ps(qb + p * NR + 8);
-    __m256 c0[MR], c1[MR];
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      c0[r] = n0;
-      c1[r] = n1;
-    }
+    const float* qn = qb + p * NR;
+    __m256 c[TV][NR];
+#pragma GCC unroll 8
+    for (int k = 0; k < NR; ++k) c[0][k] = c[1][k] = _mm256_broadcast_ss(qn + k);
     const float* ap = a;
     for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
       _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
-      const __m256 b0 = _mm256_loadu_ps(bq), b1 = _mm256_loadu_ps(bq + 8);
-#pragma GCC unroll 6
-      for (int r = 0; r < MR; ++r) {
-        const __m256 av = _mm256_broadcast_ss(ap + r);
-        c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-        c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+      const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
+#pragma GCC unroll 8
+      for (int k = 0; k < NR; ++k) {
+        const __m256 bc = _mm256_broadcast_ss(bq + k);
+        c[0][k] = _mm256_fmadd_ps(a0, bc, c[0][k]);
+        c[1][k] = _mm256_fmadd_ps(a1, bc, c[1][k]);
       }
     }
-    const __m256 pos0 = _mm256_castsi256_ps(
-        _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(p * NR))));
-    const __m256 pos1 = _mm256_castsi256_ps(
-        _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(p * NR + 8))));
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      float* bir = reinterpret_cast<float*>(bi[r]);
-      __m256 v = _mm256_load_ps(bv[r]);
-      __m256 ix = _mm256_load_ps(bir);
-      __m256 lt = _mm256_cmp_ps(c0[r], v, _CMP_LT_OQ);
-      v = _mm256_blendv_ps(v, c0[r], lt);
-      ix = _mm256_blendv_ps(ix, pos0, lt);
-      lt = _mm256_cmp_ps(c1[r], v, _CMP_LT_OQ);
-      _mm256_store_ps(bv[r], _mm256_blendv_ps(v, c1[r], lt));
-      _mm256_store_ps(bir, _mm256_blendv_ps(ix, pos1, lt));
+#pragma GCC unroll 2
+    for (int t = 0; t < TV; ++t) {
+      // min(x, m) returns m when x is NaN or equal: m never loses the running minimum
+      __m256 m0 = _mm256_min_ps(c[t][0], bv[t]), m1 = _mm256_min_ps(c[t][1], bv[t]);
+#pragma GCC unroll 8
+      for (int k = 2; k < NR; k += 2) {
+        m0 = _mm256_min_ps(c[t][k], m0);
+        m1 = _mm256_min_ps(c[t][k + 1], m1);
+      }
+      if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_min_ps(m0, m1), bv[t], _CMP_LT_OQ)) != 0) {
+        const int32_t pos = int32_t(p * NR);  // some lane improved: codes in order
+#pragma GCC unroll 8
+        for (int k = 0; k < NR; ++k) {
+          const __m256 lt = _mm256_cmp_ps(c[t][k], bv[t], _CMP_LT_OQ);
+          bv[t] = _mm256_blendv_ps(bv[t], c[t][k], lt);
+          bi[t] = _mm256_castps_si256(_mm256_blendv_ps(
+              _mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(_mm256_set1_epi32(pos + k)), lt));
+        }
+      }
     }
   }
+  alignas(32) float bvs[MR];
+  alignas(32) int32_t bis[MR];
+  for (int t = 0; t < TV; ++t) {
+    _mm256_store_ps(bvs + 8 * t, bv[t]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bis + 8 * t), bi[t]);
+  }
   for (int r = 0; r < rows; ++r) {
-    float m = std::numeric_limits<float>::infinity();
-    for (int l = 0; l < 8; ++l) m = std::min(m, bv[r][l]);
-    if (m < val[r]) {
-      int32_t mi = std::numeric_limits<int32_t>::max();
-      for (int l = 0; l < 8; ++l)
-        if (bv[r][l] == m) mi = std::min(mi, bi[r][l]);
-      val[r] = m;
-      idx[r] = k0 + mi;
+    if (bis[r] >= 0) {  // improved on the seed
+      val[r] = bvs[r];
+      idx[r] = k0 + bis[r];
     }
   }
 }
 
 // Codes per tile of the register-blocked path: a set tile (SIMVQ_CPU_TILE) is rounded up
 // to whole panels; the automatic one keeps the packed code tile within a quarter of the
-// L2 share (it is streamed once per token block), at least 8 panels, at most 8192 codes.
+// L2 share (it is streamed once per token block), at least 8 panels, at most 8192 codes;
+// whole panels always (tiles start at panel boundaries).
 int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
   if (cfg.tile_from != "auto") return (cfg.tile_k + nr - 1) / nr * nr;
   const int64_t fit = cfg.l2_share / 4 / (d * int64_t(sizeof(float)));
-  return std::max<int64_t>(8 * nr, std::min<int64_t>(8192, fit / nr * nr));
+  return std::max<int64_t>(8, std::min<int64_t>(8192, fit) / nr) * nr;
 }
 
 // The search for float32 on a vector ISA (any d). The codebook is packed once per call
