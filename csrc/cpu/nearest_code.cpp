@@ -497,10 +497,10 @@ void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* par
 // take v = ||Q||^2 + sum_j z_j (-2 Q_j) as FMAs in j order. Each token's running
 // (min, position) lives in its lane of two registers for the whole code tile, so the
 // epilogue is a vertical min over the panel's NR codes per vector (one op per
-// accumulator) and a compare with the running min; only when some lane improved does it
-// walk the panel's codes in order with a strict '<' (first the running min is seeded
-// with the token's best from earlier code tiles), which keeps the lowest code among
-// equal values. A block streams the packed codes of one code tile (sized to stay in L2:
+// accumulator) and a strict '<' against the running min (seeded with the token's best
+// from earlier code tiles); only when some lane improved does it look for the lowest
+// code of the panel equal to the new min in those lanes. So each token gets the lowest
+// code among equal values, as a scan in code order would. A block streams the packed codes of one code tile (sized to stay in L2:
 // NR floats per step, broadcast) while its tokens stay in L1.
 //
 // Every (token, code) value is formed by the same operations in the same order wherever
@@ -602,14 +602,18 @@ __attribute__((target("avx512f"))) void block_scan_avx512(
         m0 = min16(c[t][k], m0);
         m1 = min16(c[t][k + 1], m1);
       }
-      if (_mm512_cmp_ps_mask(min16(m0, m1), bv[t], _CMP_LT_OQ) != 0) {
-        const int32_t pos = int32_t(p * NR);  // some lane improved: codes in order
+      const __m512 m = min16(m0, m1);
+      const __mmask16 better = _mm512_cmp_ps_mask(m, bv[t], _CMP_LT_OQ);
+      if (better != 0) {
+        // in the lanes that improved, m is the panel's least value: its position is the
+        // lowest code holding it (codes walked downwards, the last match kept)
+        const int32_t pos = int32_t(p * NR);
 #pragma GCC unroll 16
-        for (int k = 0; k < NR; ++k) {
-          const __mmask16 lt = _mm512_cmp_ps_mask(c[t][k], bv[t], _CMP_LT_OQ);
-          bv[t] = _mm512_mask_mov_ps(bv[t], lt, c[t][k]);
-          bi[t] = _mm512_mask_mov_epi32(bi[t], lt, _mm512_set1_epi32(pos + k));
+        for (int k = NR - 1; k >= 0; --k) {
+          const __mmask16 eq = _mm512_mask_cmp_ps_mask(better, c[t][k], m, _CMP_EQ_OQ);
+          bi[t] = _mm512_mask_mov_epi32(bi[t], eq, _mm512_set1_epi32(pos + k));
         }
+        bv[t] = m;  // m is bv[t] bit for bit in the other lanes
       }
     }
   }
@@ -668,15 +672,19 @@ __attribute__((target("avx2,fma"))) void block_scan_avx2(
         m0 = _mm256_min_ps(c[t][k], m0);
         m1 = _mm256_min_ps(c[t][k + 1], m1);
       }
-      if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_min_ps(m0, m1), bv[t], _CMP_LT_OQ)) != 0) {
-        const int32_t pos = int32_t(p * NR);  // some lane improved: codes in order
+      const __m256 m = _mm256_min_ps(m0, m1);
+      const __m256 better = _mm256_cmp_ps(m, bv[t], _CMP_LT_OQ);
+      if (_mm256_movemask_ps(better) != 0) {
+        // in the lanes that improved, m is the panel's least value: its position is the
+        // lowest code holding it (codes walked downwards, the last match kept)
+        const int32_t pos = int32_t(p * NR);
 #pragma GCC unroll 8
-        for (int k = 0; k < NR; ++k) {
-          const __m256 lt = _mm256_cmp_ps(c[t][k], bv[t], _CMP_LT_OQ);
-          bv[t] = _mm256_blendv_ps(bv[t], c[t][k], lt);
+        for (int k = NR - 1; k >= 0; --k) {
+          const __m256 eq = _mm256_and_ps(better, _mm256_cmp_ps(c[t][k], m, _CMP_EQ_OQ));
           bi[t] = _mm256_castps_si256(_mm256_blendv_ps(
-              _mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(_mm256_set1_epi32(pos + k)), lt));
+              _mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(_mm256_set1_epi32(pos + k)), eq));
         }
+        bv[t] = m;  // m is bv[t] bit for bit in the other lanes
       }
     }
   }
@@ -715,9 +723,7 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
   const int mr = wide ? kMr512 : kMr256, nr = wide ? kNr512 : kNr256;
   auto* scan = wide ? block_scan_avx512 : block_scan_avx2;
   const int64_t panels = (K + nr - 1) / nr;
-  // 64-byte aligned (torch's CPU allocator): every panel row is whole cache lines, so
-  // no vector load of the codes splits across two (a std::vector's 16-byte alignment
-  // made every AVX-512 load of the stream a split load)
+  // 64-byte aligned (torch's CPU allocator), so that a panel starts on a cache line
   at::Tensor packed = at::empty({panels * nr * d + panels * nr}, at::kFloat);
   float* codes = packed.data_ptr<float>();
   float* norms = codes + panels * nr * d;
