@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Two builds of the CPU search side by side: each round runs one child process per
+build, alternately, on the same inputs; each child times ``nearest_code`` (backend
+``cpu``, best of ``--repeat``) and the FMA peak of the ISA in use, so a drift of the
+machine's speed between rounds hits both builds alike. Reports per shape the median over
+rounds of each build's time and % of peak, and the median of the per-round ratios.
+
+    git worktree add /tmp/simvq-old <commit> && (cd /tmp/simvq-old && \\
+        SIMVQ_BUILD_CUDA=0 python setup.py build_ext --inplace)
+    python benchmarks/compare_builds.py /tmp/simvq-old . --rounds 5 --markdown out.md
+    SIMVQ_CPU_ISA=avx2 python benchmarks/compare_builds.py /tmp/simvq-old . ...
+
+A build is a directory holding the ``simvq_kernels`` package with its extension built
+in place. Both children get the same environment (SIMVQ_CPU_ISA and friends apply).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, time, torch
+import simvq_kernels as sk
+from simvq_kernels import _ext
+_ext.load()
+shapes, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
+isa = json.loads(torch.ops.simvq.cpu_kernel_config())["isa"]
+lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
+def best(f, n):
+    f()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    return min(ts)
+it = 2_000_000
+peak = 2 * 12 * lanes * it * torch.get_num_threads() / best(
+    lambda: torch.ops.simvq.fma_peak(isa, it), 5) / 1e9
+out = {"isa": isa, "peak": peak, "ms": []}
+for n, k, d in shapes:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=g)
+    q = torch.randn(k, d, generator=g)
+    out["ms"].append(1e3 * best(lambda: sk.nearest_code(z, q, backend="cpu"), repeat))
+print(json.dumps(out))
+"""
+
+DEFAULT_SHAPES = "16384x1024x64,16384x8192x64,8192x65536x32,4096x16384x256"
+
+
+def run(build, shapes, repeat, threads):
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(build))
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), str(repeat),
+                          str(threads)], capture_output=True, text=True, env=env,
+                         cwd=os.path.abspath(build), timeout=1800)
+    if res.returncode != 0:
+        sys.exit(f"the child for {build} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", help="directory of build A (the baseline)")
+    p.add_argument("b", help="directory of build B")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="NxKxd,...")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5, help="calls per timing (best of)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--markdown", help="write the table here too")
+    args = p.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    runs = {"a": [], "b": []}
+    for r in range(args.rounds):
+        for key, build in (("a", args.a), ("b", args.b)):
+            runs[key].append(run(build, shapes, args.repeat, args.threads))
+            print(f"round {r + 1} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    isa = runs["b"][0]["isa"]
+    lines = [f"A = `{args.a}`, B = `{args.b}`; ISA {isa}, {args.threads} threads, "
+             f"{args.rounds} rounds (A then B each round), best of {args.repeat} calls per "
+             "timing; % peak against the FMA peak measured in the same child.", "",
+             "| N × K × d | A ms | A % peak | B ms | B % peak | A / B (median of rounds) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for i, (n, k, d) in enumerate(shapes):
+        flops = 2 * n * k * d
+        cols = []
+        for key in ("a", "b"):
+            ms = statistics.median(x["ms"][i] for x in runs[key])
+            pct = statistics.median(100 * flops / (x["ms"][i] * 1e-3) / 1e9 / x["peak"]
+                                    for x in runs[key])
+            cols += [f"{ms:.2f}", f"{pct:.1f}%"]
+        ratio = statistics.median(a["ms"][i] / b["ms"][i] for a, b in zip(runs["a"], runs["b"]))
+        lines.append(f"| {n} × {k} × {d} | " + " | ".join(cols) + f" | {ratio:.2f}× |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
