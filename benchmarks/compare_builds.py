@@ -89,7 +89,7 @@ def main():
             ms = statistics.median(x["ms"][i] for x in runs[key])
             pct = statistics.median(100 * flops / (x["ms"][i] * 1e-3) / 1e9 / x["peak"]
                                     for x in runs[key])
-            cols += [f"{ms:.2f}", f"{pct:.1f}%"]
+            cols += [f"{ms:.4g}", f"{pct:.1f}%"]
         ratio = statistics.median(a["ms"][i] / b["ms"][i] for a, b in zip(runs["a"], runs["b"]))
         lines.append(f"| {n} × {k} × {d} | " + " | ".join(cols) + f" | {ratio:.2f}× |")
     text = "\n".join(lines)

@@ -270,3 +270,26 @@ def test_presets_time_the_training_step_channel_first():
             assert cases[s + ("layer_cf",)].providers == ("reference", "cpu"), name
             assert (s + ("layer",)) in cases, name
     assert targets.LAYER_SEARCH_TARGET == 1.2
+
+
+def test_compare_builds_runs_two_builds_side_by_side(tmp_path):
+    """benchmarks/compare_builds.py, with this checkout as both builds on a tiny shape:
+    one row per shape, both builds timed, the ratio near 1 only if the times agree."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.md"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "compare_builds.py"),
+                          str(root), str(root), "--shapes", "40x70x8,33x14x3", "--rounds", "1",
+                          "--repeat", "1", "--threads", "1", "--markdown", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 40 ") or
+            line.startswith("| 33 ")]
+    assert len(rows) == 2, out.read_text()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        a_ms, b_ms, ratio = float(cells[1]), float(cells[3]), float(cells[5].rstrip("×"))
+        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio
