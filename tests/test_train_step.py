@@ -258,3 +258,50 @@ def test_values_outside_float32_window_search_in_float64(scale):
         layer.basis.copy_(basis)
         layer.weight.copy_(w.detach())
     assert layer(z)[1].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 37), (1, 20, 5), (2, 20, 1500), (7, 20, 64)])
+def test_channel_first_op_bit_identical_to_channel_last_on_every_isa(shape):
+    """quantize_train on channel-first tokens (B, d, T) gives exactly the bits of the
+    channel-last op on the moved tokens: indices, distances, out, the sum of squares and
+    the backward, on every ISA (the vector ISAs pack the channel-first tokens in place,
+    blocks crossing batch items when T is not a multiple of the block; scalar gathers
+    rows) and thread count (few tokens: the code range is split and merged)."""
+    g = torch.Generator().manual_seed(shape[2])
+    d, r, k = shape[1], 9, 700
+    z = torch.randn(shape, generator=g)
+    up = torch.randn(shape, generator=g)
+    basis = torch.randn(k, r, generator=g) * r ** -0.5
+    w, b = torch.randn(d, r, generator=g), torch.randn(d, generator=g)
+    rows = z.movedim(1, -1).reshape(-1, d).contiguous()
+    up_rows = up.movedim(1, -1).reshape(-1, d).contiguous()
+
+    def back(t):  # (B, d, T) -> (N, d)
+        return t.movedim(1, -1).reshape(-1, d)
+
+    cfg = json.loads(torch.ops.simvq.cpu_kernel_config())
+    isas = ["scalar", "avx2", "avx512"]
+    isas = isas[:isas.index(cfg["native_isa"]) + 1]
+    threads0 = torch.get_num_threads()
+    try:
+        for isa in isas:
+            torch.ops.simvq.set_cpu_kernel_config(isa, None, None)
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                cl = torch.ops.simvq.quantize_train(rows, basis, w, b)
+                cf = torch.ops.simvq.quantize_train(z, basis, w, b)
+                assert torch.equal(back(cf[0]), cl[0]), (isa, threads, "out")
+                for i, name in ((1, "indices"), (2, "distances"), (3, "sum of squares"),
+                                (4, "codebook")):
+                    assert torch.equal(cf[i], cl[i]), (isa, threads, name)
+                gl = torch.ops.simvq.quantize_train_backward(up_rows, rows, basis, cl[4],
+                                                             cl[1], 0.3, 0.7)
+                gf = torch.ops.simvq.quantize_train_backward(up, z, basis, cf[4], cf[1],
+                                                             0.3, 0.7)
+                assert torch.equal(back(gf[0]), gl[0]), (isa, threads, "dz")
+                assert torch.equal(gf[1], gl[1]) and torch.equal(gf[2], gl[2]), \
+                    (isa, threads, "dW, db")
+    finally:
+        torch.set_num_threads(threads0)
+        torch.ops.simvq.set_cpu_kernel_config(
+            cfg["isa"] if cfg["isa_from"] != "native" else "auto", None, None)

@@ -413,6 +413,33 @@ double sq_norm(const T* x, int64_t d) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// Tokens in z's layout: channel-last (T = 0), element (n, j) at n d + j; or
+// channel-first (B, d, T), element (n, j) at (b d + j) T + t with n = b T + t.
+struct TokenLayout {
+  int64_t d, T;
+  bool channel_first() const { return T > 0; }
+};
+
+// ||z_n||^2 for token n of either layout, in sq_norm's order (four interleaved double
+// sums by j mod 4, the tail into the first; squares of float32 or float64 values are
+// exact in double, so every path gives the same bits).
+template <typename T>
+double token_sq_norm(const T* z, const TokenLayout& lay, int64_t n) {
+  if (!lay.channel_first()) return sq_norm(z + n * lay.d, lay.d);
+  const int64_t d = lay.d, Tn = lay.T;
+  const T* x = z + (n / Tn) * d * Tn + n % Tn;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    s0 += double(x[j * Tn]) * double(x[j * Tn]);
+    s1 += double(x[(j + 1) * Tn]) * double(x[(j + 1) * Tn]);
+    s2 += double(x[(j + 2) * Tn]) * double(x[(j + 2) * Tn]);
+    s3 += double(x[(j + 3) * Tn]) * double(x[(j + 3) * Tn]);
+  }
+  for (; j < d; ++j) s0 += double(x[j * Tn]) * double(x[j * Tn]);
+  return (s0 + s1) + (s2 + s3);
+}
+
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
 // (min of ||Q_k||^2 - 2 z.Q_k, argmin) into val/idx at [n - n_begin].
 // The tile buffer has n_end - n_begin rows of tile_k values; qt holds d x tile_k values
@@ -446,8 +473,12 @@ void scan_range(const RowArgminF32& f, Isa isa, int64_t tile_k, const T* z, cons
 
 // Returned distance: ||z||^2 (accumulated in double) + min(||Q||^2 - 2 z.Q), >= 0.
 template <typename T>
+T final_distance(double z_sq_norm, T partial) {
+  return static_cast<T>(std::max(0.0, z_sq_norm + double(partial)));
+}
+template <typename T>
 T final_distance(const T* zrow, int64_t d, T partial) {
-  return static_cast<T>(std::max(0.0, sq_norm(zrow, d) + double(partial)));
+  return final_distance(sq_norm(zrow, d), partial);
 }
 
 // Splits the code range (`units` code tiles or passes) only when the token tiles alone
@@ -469,8 +500,8 @@ CodeSplits split_code_range(int64_t n_tiles, int64_t units) {
 // code order with a strict '<' (later splits hold higher indices, so ties keep the
 // lower one) and writes the final index and distance of every token.
 template <typename T>
-void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* part_val,
-                  const int64_t* part_idx, int64_t* out_idx, T* out_val) {
+void merge_splits(const T* z, const TokenLayout& lay, int64_t N, int64_t splits,
+                  const T* part_val, const int64_t* part_idx, int64_t* out_idx, T* out_val) {
   at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       T v = part_val[n];
@@ -481,7 +512,7 @@ void merge_splits(const T* z, int64_t d, int64_t N, int64_t splits, const T* par
           i = part_idx[s * N + n];
         }
       }
-      out_val[n] = final_distance(z + n * d, d, v);
+      out_val[n] = final_distance(token_sq_norm(z, lay, n), v);
       out_idx[n] = i;
     }
   });
@@ -543,20 +574,30 @@ void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int6
   }
 }
 
-// dst[b][j][r] = z[n0 + b MR + r][j] for tokens [n0, n1); rows past n1 repeat the
-// block's first token (their results are dropped).
-void pack_token_tile(const float* z, int64_t d, int64_t n0, int64_t n1, int mr, float* dst) {
-  const int64_t blocks = (n1 - n0 + mr - 1) / mr;
+// dst[b][j][r] = element j of token n0 + b MR + r for tokens [n0, n1) (either layout);
+// rows past n1 repeat the block's first token (their results are dropped). Channel-first,
+// a block's tokens are consecutive elements of each dimension's row (a straight copy
+// unless the block crosses into the next batch item).
+void pack_token_tile(const float* z, const TokenLayout& lay, int64_t n0, int64_t n1, int mr,
+                     float* dst) {
+  const int64_t d = lay.d, blocks = (n1 - n0 + mr - 1) / mr;
+  const int64_t stride = lay.channel_first() ? lay.T : 1;  // between a token's elements
   const float* rows[32];
   TORCH_INTERNAL_ASSERT(mr <= 32, "pack_token_tile: block of ", mr, " rows");
   for (int64_t b = 0; b < blocks; ++b) {
     float* bd = dst + b * mr * d;
     for (int r = 0; r < mr; ++r) {
-      const int64_t n = n0 + b * mr + r;
-      rows[r] = z + (n < n1 ? n : n0 + b * mr) * d;
+      int64_t n = n0 + b * mr + r;
+      if (n >= n1) n = n0 + b * mr;
+      rows[r] = lay.channel_first() ? z + (n / lay.T) * d * lay.T + n % lay.T : z + n * d;
     }
-    for (int64_t j = 0; j < d; ++j, bd += mr)  // contiguous stores
-      for (int r = 0; r < mr; ++r) bd[r] = rows[r][j];
+    if (stride == 1) {
+      for (int64_t j = 0; j < d; ++j, bd += mr)  // contiguous stores
+        for (int r = 0; r < mr; ++r) bd[r] = rows[r][j];
+    } else {
+      for (int64_t j = 0; j < d; ++j, bd += mr)
+        for (int r = 0; r < mr; ++r) bd[r] = rows[r][j * stride];
+    }
   }
 }
 
@@ -716,9 +757,10 @@ int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
 // (K x d floats rounded up to whole panels); threads take whole token tiles, and the
 // code range is split at code-tile boundaries only when there are too few token tiles
 // (merged in code order).
-void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const float* q,
-                          const float* qn, int64_t N, int64_t K, int64_t d,
+void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const TokenLayout& lay,
+                          const float* q, const float* qn, int64_t N, int64_t K,
                           int64_t* out_idx, float* out_val) {
+  const int64_t d = lay.d;
   const bool wide = cfg.isa == Isa::kAvx512;
   const int mr = wide ? kMr512 : kMr256, nr = wide ? kNr512 : kNr256;
   auto* scan = wide ? block_scan_avx512 : block_scan_avx2;
@@ -753,7 +795,7 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
         val[i] = std::numeric_limits<float>::infinity();
         idx[i] = kb;  // only kept if every value is +inf, which finite inputs exclude
       }
-      pack_token_tile(z, d, n0, n1, mr, tokens);
+      pack_token_tile(z, lay, n0, n1, mr, tokens);
       const int64_t blocks = (bn + mr - 1) / mr;
       for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
         const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
@@ -766,27 +808,34 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const fl
         }
       }
       if (splits == 1) {  // the tile's tokens are still in cache
-        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
+        for (int64_t n = n0; n < n1; ++n)
+          out_val[n] = final_distance(token_sq_norm(z, lay, n), out_val[n]);
       }
     }
   });
-  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
+  if (splits > 1) merge_splits(z, lay, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
 }
 #endif
 
+// ||Q_k||^2 from the same values that enter the product, accumulated in double.
 template <typename T>
-void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, int64_t N,
-                         int64_t K, int64_t d, int64_t* out_idx, T* out_val) {
-  // ||Q_k||^2 from the same values that enter the product, accumulated in double.
+std::vector<T> code_norms(const T* q, int64_t K, int64_t d) {
   std::vector<T> qn(K);
   at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) qn[k] = static_cast<T>(sq_norm(q + k * d, d));
   });
+  return qn;
+}
+
+template <typename T>
+void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, int64_t N,
+                         int64_t K, int64_t d, int64_t* out_idx, T* out_val) {
+  const std::vector<T> qn = code_norms(q, K, d);
 
 #ifdef SIMVQ_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cfg.isa != Isa::kScalar) {  // float32 on a vector ISA: no BLAS tile products
-      nearest_code_blocked(cfg, z, q, qn.data(), N, K, d, out_idx, out_val);
+      nearest_code_blocked(cfg, z, TokenLayout{d, 0}, q, qn.data(), N, K, out_idx, out_val);
       return;
     }
   }
@@ -820,7 +869,10 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
     }
   });
 
-  if (splits > 1) merge_splits(z, d, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
+  if (splits > 1) {
+    merge_splits(z, TokenLayout{d, 0}, N, splits, part_val.data(), part_idx.data(), out_idx,
+                 out_val);
+  }
 }
 
 // For each row of x (K x w), the lowest index holding a bitwise-identical row (-0.0
@@ -1088,13 +1140,6 @@ void check_train_tokens(const at::Tensor& z, const at::Tensor& basis) {
               z.scalar_type(), ", got ", basis.scalar_type());
 }
 
-// Tokens in z's layout: channel-last (T = 0), element (n, j) at n d + j; or
-// channel-first (B, d, T), element (n, j) at (b d + j) T + t with n = b T + t.
-struct TokenLayout {
-  int64_t d, T;
-  bool channel_first() const { return T > 0; }
-};
-
 TokenLayout layout_of(const at::Tensor& z) {
   return z.dim() == 3 ? TokenLayout{z.size(1), z.size(2)} : TokenLayout{z.size(1), 0};
 }
@@ -1154,22 +1199,48 @@ at::Tensor token_rows(const at::Tensor& z) {
   return rows;
 }
 
+// nearest_code_impl for the training step's tokens, either layout. Channel-first float32
+// tokens on a vector ISA go to the register-blocked search as they are (its token
+// packing reads them in place); the other paths search a gathered (N, d) copy. The same
+// values either way, so the same bits.
+std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const at::Tensor& z,
+                                                       const at::Tensor& codebook) {
+  const TokenLayout lay = layout_of(z);
+  if (!lay.channel_first()) return nearest_code_impl(z, codebook);
+  const int64_t N = z.size(0) * lay.T, K = codebook.size(0);
+#ifdef SIMVQ_X86
+  const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
+  if (z.scalar_type() == at::kFloat && cfg.isa != Isa::kScalar && N > 0 && lay.d > 0) {
+    const at::Tensor cb = codebook.contiguous();
+    at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
+    at::Tensor dist = at::empty({N}, z.options());
+    const std::vector<float> qn = code_norms(cb.data_ptr<float>(), K, lay.d);
+    nearest_code_blocked(cfg, z.data_ptr<float>(), lay, cb.data_ptr<float>(), qn.data(), N, K,
+                         idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+    remap_by_rows(cb, idx);
+    return {idx, dist};
+  }
+#endif
+  return nearest_code_impl(token_rows(z), codebook);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_train_cpu(
     const at::Tensor& z_in, const at::Tensor& basis, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias) {
   check_train_tokens(z_in, basis);
   const at::Tensor z = z_in.contiguous();
   const TokenLayout lay = layout_of(z);
-  const at::Tensor rows = token_rows(z);  // (N, d), contiguous
-  check_quantize_shapes(rows, basis, weight, bias);
+  const int64_t d = lay.d, N = lay.channel_first() ? z.size(0) * lay.T : z.size(0);
+  // the argument checks see an (N, d) tensor's width, dtype and device
+  check_quantize_shapes(lay.channel_first() ? at::empty({0, d}, z.options()) : z, basis,
+                        weight, bias);
   const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, z.scalar_type());
-  auto [idx, dist] = nearest_code_impl(rows, codebook);
+  auto [idx, dist] = nearest_code_tokens(z, codebook);
   at::Tensor out = at::empty_like(z);
-  const int64_t N = rows.size(0), d = rows.size(1);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   std::vector<double> part(std::max<int64_t>(chunks, 1), 0.0);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_quantize_train_cpu", [&] {
-    const scalar_t* zp = rows.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* q = codebook.data_ptr<scalar_t>();
     const int64_t* ix = idx.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -1179,11 +1250,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
         // compiler vectorises the loop without reassociating anything)
         double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
-        // channel-first: the chunk's output rows go through a buffer, then scattered
+        // channel-first: the chunk's tokens are gathered into a buffer and its output
+        // rows go through another, then scattered
         scalar_t* ob = lay.channel_first() ? thread_buffer<scalar_t, 4>(kBwdChunk * d)
                                            : o + n0 * d;
+        const scalar_t* zc = zp + n0 * d;
+        if (lay.channel_first()) {
+          scalar_t* zb = thread_buffer<scalar_t, 5>(kBwdChunk * d);
+          gather_channel_first(zp, lay, n0, n1, zb);
+          zc = zb;
+        }
         for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* zr = zp + n * d;
+          const scalar_t* zr = zc + (n - n0) * d;
           const scalar_t* qr = q + ix[n] * d;
           scalar_t* orow = ob + (n - n0) * d;
           for (int64_t j = 0; j < d; ++j) orow[j] = zr[j] + (qr[j] - zr[j]);
