@@ -129,23 +129,32 @@ def test_random_inputs_against_oracle(isa, tile, restore):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("tile", ["auto", "7x33", "16x16"])
 @pytest.mark.parametrize("d", [4, 16, 24])
-def test_duplicates_go_to_lowest_index(isa, tile, d, restore):
-    """Exact duplicate codes placed across tile edges (33, 16), the 16- and 32-code
-    panels of the register-blocked path and their 8- or 16-lane vectors, and the 32-value
-    groups of the BLAS-tile path's one-pass argmin; tokens near a duplicated code must
-    pick its first copy (well-separated codes: exact index agreement)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicates_go_to_lowest_index(isa, tile, d, dtype, restore):
+    """Exact duplicate codes placed across tile edges (33, 16, whole panels), across and
+    within the register-blocked path's panels (14 codes on AVX-512, 6 on AVX2) and the
+    32-value groups of the tile path's one-pass argmin, some differing only in the sign
+    of zero entries (-0.0 equals 0.0); tokens near a duplicated code must pick its first
+    copy (well-separated codes: exact index agreement). No pass remaps duplicates: this
+    rests on every value being formed the same way wherever its code sits."""
     if not _force_or_check_error(isa):
         return
     _set(tile=tile)
     k = 1100
     g = torch.Generator().manual_seed(7 + d)
-    q = torch.randn(k, d, generator=g) * 4.0
-    # (3, 11), (16, 24): the two 8-lane halves of a 16-code block; (200, 208): one lane
-    # of two vectors of a 32-value argmin group
+    q = (torch.randn(k, d, generator=g) * 4.0).to(dtype)
+    # (13, 14), (27, 28), (5, 6): across AVX-512 / AVX2 panel edges; (15, 16), (3, 11):
+    # within a panel; (200, 208): one lane of two vectors of a 32-value argmin group
     pairs = [(0, 1), (5, 40), (15, 16), (31, 32), (32, 1099), (100, 133), (500, 1050),
-             (16, 17), (16, 700), (3, 11), (16, 24), (200, 208)]
+             (16, 17), (16, 700), (3, 11), (16, 24), (200, 208), (13, 14), (27, 28),
+             (5, 6), (41, 55)]
     for a, b in pairs:
         q[b] = q[a]
+    # signed zeros: the copy holds -0.0 where its first copy holds 0.0 (and vice versa)
+    for a, b in ((41, 55), (13, 14), (100, 133)):
+        q[a, : d // 2] = 0.0
+        q[b, : d // 2] = -0.0
+        q[b, d // 2:] = q[a, d // 2:]
     first = O.first_of_duplicates(q)
     target = torch.tensor([b for _, b in pairs] + [a for a, _ in pairs] +
                           torch.randint(0, k, (60,), generator=g).tolist())

@@ -22,7 +22,10 @@
 // the threads, the code range is split at tile boundaries and the partial results are
 // merged in code order with a strict '<', so the lowest index wins ties exactly as a
 // sequential scan would. ||z||^2 and the returned distance are computed in the same
-// task, while the tile's tokens are in cache.
+// task, while the tile's tokens are in cache. Every (token, code) value is formed by the
+// same operations wherever the code sits, so exact duplicate codes (-0.0 equal to 0.0)
+// tie exactly and the lowest index wins: no per-call pass over the codebook remaps
+// duplicates (one did while tile products were BLAS calls; it cost up to 2% of a call).
 //
 // quantize projects the codebook (basis @ weight^T + bias) with fma_rows too.
 //
@@ -553,10 +556,11 @@ static_assert(kNr512 % 2 == 0 && kNr256 % 2 == 0, "the epilogue's min runs in pa
 // line this many steps ahead into L1 (a prefetch past the end is harmless).
 constexpr int kPrefetchAhead = 8;
 
-// dst[p][j][l] = -2 q[k0 + p NR + l][j] for the panels covering codes [k0, k0 + bk);
+// dst[p][j][l] = -2 q[k0 + p NR + l][j] for the panels covering codes [k0, k0 + bk), and
+// qdst[k] = ||Q_k0+k||^2 (sq_norm, as every path computes it) while the row is in cache;
 // padding codes are 0 with ||Q||^2 = +inf, so they never win.
-void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int64_t bk,
-                    int nr, float* dst, float* qdst) {
+void pack_code_tile(const float* q, int64_t d, int64_t k0, int64_t bk, int nr, float* dst,
+                    float* qdst) {
   const int64_t panels = (bk + nr - 1) / nr;
   for (int64_t p = 0; p < panels; ++p) {
     float* pd = dst + p * nr * d;
@@ -565,7 +569,7 @@ void pack_code_tile(const float* q, const float* qn, int64_t d, int64_t k0, int6
       if (k < bk) {
         const float* row = q + (k0 + k) * d;
         for (int64_t j = 0; j < d; ++j) pd[j * nr + l] = -2.f * row[j];
-        qdst[k] = qn[k0 + k];
+        qdst[k] = static_cast<float>(sq_norm(row, d));
       } else {
         for (int64_t j = 0; j < d; ++j) pd[j * nr + l] = 0.f;
         qdst[k] = std::numeric_limits<float>::infinity();
@@ -758,7 +762,7 @@ int64_t blocked_tile_codes(const cpu::KernelConfig& cfg, int64_t d, int nr) {
 // code range is split at code-tile boundaries only when there are too few token tiles
 // (merged in code order).
 void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const TokenLayout& lay,
-                          const float* q, const float* qn, int64_t N, int64_t K,
+                          const float* q, int64_t N, int64_t K,
                           int64_t* out_idx, float* out_val) {
   const int64_t d = lay.d;
   const bool wide = cfg.isa == Isa::kAvx512;
@@ -770,7 +774,7 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const To
   float* codes = packed.data_ptr<float>();
   float* norms = codes + panels * nr * d;
   at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
-    pack_code_tile(q, qn, d, p0 * nr, std::min(K, p1 * nr) - p0 * nr, nr,
+    pack_code_tile(q, d, p0 * nr, std::min(K, p1 * nr) - p0 * nr, nr,
                    codes + p0 * nr * d, norms + p0 * nr);
   });
   // an automatic token tile is rounded up to whole blocks
@@ -830,16 +834,15 @@ std::vector<T> code_norms(const T* q, int64_t K, int64_t d) {
 template <typename T>
 void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, int64_t N,
                          int64_t K, int64_t d, int64_t* out_idx, T* out_val) {
-  const std::vector<T> qn = code_norms(q, K, d);
-
 #ifdef SIMVQ_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cfg.isa != Isa::kScalar) {  // float32 on a vector ISA: no BLAS tile products
-      nearest_code_blocked(cfg, z, TokenLayout{d, 0}, q, qn.data(), N, K, out_idx, out_val);
+      nearest_code_blocked(cfg, z, TokenLayout{d, 0}, q, N, K, out_idx, out_val);
       return;
     }
   }
 #endif
+  const std::vector<T> qn = code_norms(q, K, d);
   const int64_t tile_n = cfg.tile_n, tile_k = cfg.tile_k;
   const RowArgminF32 f = row_argmin_f32_for(cfg.isa);
   const int64_t n_tiles = (N + tile_n - 1) / tile_n;
@@ -873,81 +876,6 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
     merge_splits(z, TokenLayout{d, 0}, N, splits, part_val.data(), part_idx.data(), out_idx,
                  out_val);
   }
-}
-
-// For each row of x (K x w), the lowest index holding a bitwise-identical row (-0.0
-// counted as 0.0). Returns an empty vector when every row is distinct. O(K * w):
-// a parallel hash of the rows, then one sequential pass over an open-addressing table
-// in index order (so the first copy is always the one found).
-template <typename T>
-std::vector<int64_t> first_identical_rows(const T* x, int64_t K, int64_t w) {
-  std::vector<uint64_t> hash(K);
-  at::parallel_for(0, K, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      uint64_t h = 1469598103934665603ull;
-      for (int64_t j = 0; j < w; ++j) {
-        T v = x[k * w + j] + T(0);  // -0.0 + 0.0 == +0.0
-        uint64_t bits = 0;
-        std::memcpy(&bits, &v, sizeof(T));
-        h = (h ^ bits) * 1099511628211ull;
-      }
-      hash[k] = h ^ (h >> 29);
-    }
-  });
-  auto same = [&](int64_t a, int64_t b) {
-    for (int64_t j = 0; j < w; ++j)
-      if (!(x[a * w + j] == x[b * w + j])) return false;
-    return true;
-  };
-  int64_t cap = 16;
-  while (cap < 2 * K) cap <<= 1;
-  std::vector<int64_t> table(cap, -1);  // row index of the first row seen with a hash
-  std::vector<int64_t> first;
-  for (int64_t k = 0; k < K; ++k) {
-    int64_t slot = int64_t(hash[k] & uint64_t(cap - 1));
-    int64_t found = -1;
-    while (table[slot] >= 0) {
-      const int64_t r = table[slot];
-      if (hash[r] == hash[k] && same(r, k)) {
-        found = r;
-        break;
-      }
-      slot = (slot + 1) & (cap - 1);
-    }
-    if (found < 0) {
-      table[slot] = k;
-    } else {
-      if (first.empty()) {
-        first.resize(K);
-        for (int64_t i = 0; i < K; ++i) first[i] = i;
-      }
-      first[k] = found;
-    }
-  }
-  return first;
-}
-
-// Exact duplicate codes tie exactly in exact arithmetic; the kernels above form every
-// value with the same operations wherever the code sits, so they tie exactly here too,
-// and this pass is a guard that keeps the promise independent of that property (it
-// was needed when tile products were BLAS calls). After the search, every pick is mapped
-// to the lowest index holding a bitwise-identical row, which is what 'ties go to the
-// lowest index' means. No effect without duplicates.
-template <typename T>
-void remap_to_first_duplicate(const T* rows, int64_t K, int64_t w, int64_t* idx, int64_t N) {
-  if (N == 0 || w == 0) return;
-  const std::vector<int64_t> first = first_identical_rows(rows, K, w);
-  if (first.empty()) return;
-  for (int64_t n = 0; n < N; ++n) idx[n] = first[idx[n]];
-}
-
-void remap_by_rows(const at::Tensor& rows, at::Tensor& idx) {
-  const at::Tensor x = rows.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "simvq_remap_duplicates", [&] {
-    remap_to_first_duplicate<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1),
-                                       idx.data_ptr<int64_t>(), idx.size(0));
-  });
 }
 
 void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codebook) {
@@ -985,7 +913,6 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
                                cfg, z.data_ptr<double>(), cb.data_ptr<double>(), N, K, d,
                                idx.data_ptr<int64_t>(), dist.data_ptr<double>());
                          }));
-  remap_by_rows(cb, idx);
   return {idx, dist};
 }
 
@@ -1214,10 +1141,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const at::Tensor& z,
     const at::Tensor cb = codebook.contiguous();
     at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
     at::Tensor dist = at::empty({N}, z.options());
-    const std::vector<float> qn = code_norms(cb.data_ptr<float>(), K, lay.d);
-    nearest_code_blocked(cfg, z.data_ptr<float>(), lay, cb.data_ptr<float>(), qn.data(), N, K,
+    nearest_code_blocked(cfg, z.data_ptr<float>(), lay, cb.data_ptr<float>(), N, K,
                          idx.data_ptr<int64_t>(), dist.data_ptr<float>());
-    remap_by_rows(cb, idx);
     return {idx, dist};
   }
 #endif
