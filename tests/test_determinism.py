@@ -1,5 +1,5 @@
-"""Determinism: the same inputs give bit-identical results across runs, thread counts and
-processes, on every backend.
+"""Determinism: the same inputs give bit-identical results across runs and processes on
+every backend, and across thread counts and instruction sets on the `cpu` backend.
 
 What is promised and tested here:
 - nearest_code / simvq_quantize: indices, distances and zq are bit-identical across
@@ -52,6 +52,14 @@ BACKENDS = [b for b in sk.available_backends()
             if _backends.BACKENDS[b].why_not(torch.device("cpu"), torch.float32) is None]
 # the backends whose bits do not depend on the thread count (no BLAS on their paths)
 INVARIANT = [b for b in BACKENDS if _backends.BACKENDS[b].thread_invariant]
+
+
+def test_cpu_backend_is_here_and_thread_invariant():
+    """The thread-count checks below run for INVARIANT backends only: they must not
+    vanish because the compiled backend failed to load or lost its flag."""
+    if "cpu" not in BACKENDS:
+        pytest.fail(f"the compiled CPU backend is unavailable: {sk.backend_status()}")
+    assert "cpu" in INVARIANT, "the cpu backend no longer declares thread_invariant"
 
 
 def _thread_orders(backend):
@@ -266,7 +274,7 @@ def _cpu_digest(shapes, dtypes):
 
 
 ISA_SHAPES = [(1, 3000, 12), (300, 2100, 16), (2100, 300, 33), (1030, 70, 5)]
-ISA_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+ISA_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture

@@ -424,8 +424,9 @@ struct TokenLayout {
 };
 
 // ||z_n||^2 for token n of either layout, in sq_norm's order (four interleaved double
-// sums by j mod 4, the tail into the first; squares of float32 or float64 values are
-// exact in double, so every path gives the same bits).
+// sums by j mod 4, the tail into the first; the squares of float32 values are exact in
+// double, so every path gives the same bits). Channel-first tokens come here in float32
+// only (float64 ones are gathered into rows for the tile path).
 template <typename T>
 double token_sq_norm(const T* z, const TokenLayout& lay, int64_t n) {
   if (!lay.channel_first()) return sq_norm(z + n * lay.d, lay.d);
@@ -529,7 +530,8 @@ void merge_splits(const T* z, const TokenLayout& lay, int64_t N, int64_t splits,
 // codes, dimension-major and scaled by -2 (exact), with ||Q||^2 beside them (+inf for
 // padding codes). For a block and one panel, MR x NR accumulators start at ||Q||^2 and
 // take v = ||Q||^2 + sum_j z_j (-2 Q_j) as FMAs in j order. Each token's running
-// (min, position) lives in its lane of two registers for the whole code tile, so the
+// (min, position) lives in its lane of two vectors for the whole code tile (registers,
+// or a stack slot where the compiler spills one: a load and a store per panel), so the
 // epilogue is a vertical min over the panel's NR codes per vector (one op per
 // accumulator) and a strict '<' against the running min (seeded with the token's best
 // from earlier code tiles); only when some lane improved does it look for the lowest
