@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""Held-out utilisation of a trained image model as a curve over tokens per code.
+"""Held-out utilisation of a trained demo model as a curve over tokens per code.
 
-Loads a model saved by ``train_images.py --save-models DIR`` and encodes a stream of
-held-out crops (the right 25% strip of every image, as in the demo) until it holds
-the largest number of tokens per code asked for; the nearest-code search is
+Loads a model saved by ``train_images.py`` or ``train_audio.py --save-models DIR`` and
+encodes a stream of held-out items until it holds the largest number of tokens per code
+asked for: for images, random crops of the held-out strip of every image (the right
+25%, as in the demo), seed ``--seed``; for audio, the windows of the demo's held-out
+utterances, synthesised from the held-out seed stream (``--seed``, default 1, as in the
+demo; the training utterances use seed 0, which is refused here), utterance after
+utterance, so the first 10 tokens per code are the demo's own held-out set. The task
+comes from the checkpoint (``--task`` checks it). The nearest-code search is
 ``simvq_kernels.nearest_code`` (the fused CPU kernel). Reports, for each prefix of the
 stream, the utilisation, the perplexity and the fraction of codes that independent
 draws from the largest set's histogram are expected to pick
@@ -11,7 +16,8 @@ draws from the largest set's histogram are expected to pick
 run cut short keeps the points it reached.
 
 With ``--kmeans-iters N`` it also runs k-means with the same K on the model's training
-latents (``--kmeans-tokens-per-code`` latents per code from training crops, initialised
+latents (``--kmeans-tokens-per-code`` latents per code from training crops or training
+windows at random positions, initialised
 from random latents, assignments by ``simvq_kernels.nearest_code``) and evaluates its
 codebook on the same held-out latents in the same pass: how many codes this data can
 keep in use with a codebook fitted to it (the data's capacity at this K).
@@ -20,6 +26,10 @@ keep in use with a codebook fitted to it (the data's capacity at this K).
         --cpu-budget 12 --save-models ~/.cache/simvq-demos
     python python/heldout_curve.py --checkpoint ~/.cache/simvq-demos/images_simvq_65536.pt \\
         --tokens-per-code 10,30,100,200 --out python/results/images/tokens_per_code
+    python python/train_audio.py --quantisers simvq --codebook-sizes 64k --threads 1 \\
+        --steps 1000000 --cpu-budget 8 --save-models ~/.cache/simvq-demos
+    python python/heldout_curve.py --checkpoint ~/.cache/simvq-demos/audio_simvq_65536.pt \\
+        --tokens-per-code 10,30,100,200 --out python/results/audio/tokens_per_code
 """
 import argparse
 import csv
@@ -46,9 +56,81 @@ def load_model(path):
 
 
 @torch.no_grad()
-def latents(model, crops):
-    z = model.encoder(crops)  # (B, d, h, w)
+def latents(model, items):
+    z = model.encoder(items)  # (B, d, h, w) or (B, d, t)
     return z.movedim(1, -1).reshape(-1, z.shape[1]).contiguous()
+
+
+class Source:
+    """What the curve needs from a task: tokens per item, the held-out items in
+    batches (a fixed stream, so that a prefix of it is a smaller held-out set), training
+    items for k-means, and what to say about them."""
+
+    def __init__(self, per_item, heldout_batches, train_batch, meta, describe):
+        self.per_item = per_item
+        self.heldout_batches = heldout_batches  # (n_items, chunk) -> iterator of batches
+        self.train_batch = train_batch  # (generator, n) -> batch of training items
+        self.meta = meta  # stored in curve.json
+        self.describe = describe  # a sentence on the held-out stream
+
+
+def image_source(ck, args):
+    notes = ck.get("task_notes", {})
+    names = (args.images.split(",") if args.images
+             else notes.get("images", list(data.DEFAULT_IMAGES)))
+    crop = notes.get("crop", 32)
+    src = data.CropSource(data.load_skimage_images(names), crop=crop)
+    seed = 2024 if args.seed is None else args.seed
+
+    def heldout_batches(n_items, chunk):
+        gen = torch.Generator().manual_seed(seed)
+        for i in range(0, n_items, chunk):
+            yield src._crops(gen, min(chunk, n_items - i), heldout=True)
+
+    return Source((crop // 2 ** ck["model"]["n_down"]) ** 2, heldout_batches,
+                  src.train_batch, {"images": names, "crop": crop, "stream_seed": seed},
+                  f"random {crop}px crops of the held-out strips of {len(names)} skimage "
+                  f"images, seed {seed}")
+
+
+def audio_source(ck, args, log=print):
+    notes = ck.get("task_notes", {})
+    window, hop = notes.get("window", 1024), notes.get("hop", 8)
+    seconds = notes.get("utterance_seconds", data.UTTERANCE_SECONDS)
+    seed = data.AUDIO_HELDOUT_SEED if args.seed is None else args.seed
+    if seed == data.AUDIO_TRAIN_SEED:
+        raise SystemExit(f"seed {seed} made the training utterances: held-out audio "
+                         f"needs another seed")
+    per_utt = int(round(seconds * data.SAMPLE_RATE)) // window
+
+    def heldout_batches(n_items, chunk):
+        # utterance i of a seed is the same whatever the count (numpy fills the noise
+        # floor in order), so this stream starts with the demo's own held-out set
+        n_utt = -(-n_items // per_utt)
+        t0 = time.perf_counter()
+        wins = data.WaveSource.windows(data.synth_speech(n_utt, seconds, seed=seed), window)
+        log(f"synthesised {n_utt:,} held-out utterances ({n_utt * seconds / 3600:.2f} h) "
+            f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        for i in range(0, n_items, chunk):
+            yield wins[i:min(n_items, i + chunk)]
+
+    def train_batch(gen, n):
+        if "train" not in cache:
+            n_utt = int(round(notes.get("train_seconds_of_audio", 384.0) / seconds))
+            cache["train"] = data.WaveSource(
+                data.synth_speech(n_utt, seconds, seed=data.AUDIO_TRAIN_SEED), window=window)
+        return cache["train"].train_batch(gen, n)
+
+    cache = {}
+    return Source(window // hop, heldout_batches, train_batch,
+                  {"window": window, "hop": hop, "utterance_seconds": seconds,
+                   "stream_seed": seed},
+                  f"the {window}-sample windows of synthetic utterances of {seconds:g} s "
+                  f"(simvq_kernels.experiments.data.synth_speech, held-out seed {seed}: new "
+                  f"random speakers and syllables), in order")
+
+
+SOURCES = {"images": image_source, "audio": audio_source}
 
 
 @torch.no_grad()
@@ -84,7 +166,8 @@ def write(out, payload):
         for name, cv in payload["curves"].items():
             for p in cv["points"]:
                 w.writerow([name] + [p[c] for c in cols[1:]])
-    lines = [f"# Held-out utilisation over tokens per code (K = {payload['codebook_size']})",
+    lines = [f"# Held-out utilisation over tokens per code ({payload.get('task', 'images')}, "
+             f"K = {payload['codebook_size']})",
              "", payload["description"], "",
              "| codebook | tokens per code | held-out tokens | codes used | utilisation "
              "| expected if sampled from the largest set's histogram | perplexity |",
@@ -134,18 +217,25 @@ def plot(out, payload):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     _finish(plt, fig, os.path.join(out, "utilisation_vs_tokens_per_code.png"),
-            f"images, K = {payload['codebook_size']}: held-out utilisation vs held-out size",
+            f"{payload.get('task', 'images')}, K = {payload['codebook_size']}: held-out "
+            f"utilisation vs held-out size",
             fontsize=9)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="from train_images.py --save-models")
+    p.add_argument("--checkpoint", required=True,
+                   help="from train_images.py or train_audio.py --save-models")
+    p.add_argument("--task", choices=sorted(SOURCES), default=None,
+                   help="the checkpoint's task (default: read from the checkpoint)")
     p.add_argument("--tokens-per-code", default="10,30,100,200",
                    help="comma-separated points of the curve")
-    p.add_argument("--seed", type=int, default=2024, help="held-out stream")
-    p.add_argument("--chunk", type=int, default=1024, help="crops per encoder batch")
+    p.add_argument("--seed", type=int, default=None,
+                   help="held-out stream (default: 2024 for images; for audio 1, the "
+                        "demo's held-out utterances)")
+    p.add_argument("--chunk", type=int, default=1024,
+                   help="crops or windows per encoder batch")
     p.add_argument("--kmeans-iters", type=int, default=0,
                    help="also fit k-means with the same K (0: no)")
     p.add_argument("--kmeans-tokens-per-code", type=float, default=10.0,
@@ -156,7 +246,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="cpu", help="nearest_code backend")
     p.add_argument("--images", default=None,
-                   help="comma-separated skimage.data names (default: the checkpoint's)")
+                   help="images: comma-separated skimage.data names (default: the "
+                        "checkpoint's)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,15 +255,16 @@ def main(argv=None):
 
     model, ck = load_model(args.checkpoint)
     k = ck["codebook_size"]
-    notes = ck.get("task_notes", {})
-    names = (args.images.split(",") if args.images
-             else notes.get("images", list(data.DEFAULT_IMAGES)))
-    crop = notes.get("crop", 32)
-    src = data.CropSource(data.load_skimage_images(names), crop=crop)
+    task = ck.get("task", "images")
+    if args.task is not None and args.task != task:
+        raise SystemExit(f"--task {args.task}, but the checkpoint is a {task} model")
+    if task not in SOURCES:
+        raise SystemExit(f"no held-out stream for task {task!r}")
+    src = SOURCES[task](ck, args)
     tpc = sorted(float(t) for t in args.tokens_per_code.split(","))
-    per_crop = (crop // 2 ** ck["model"]["n_down"]) ** 2
-    n_crops = -(-int(max(tpc) * k) // per_crop)
-    marks = sorted({min(n_crops * per_crop, int(round(t * k))) for t in tpc})
+    per_item = src.per_item
+    n_items = -(-int(max(tpc) * k) // per_item)
+    marks = sorted({min(n_items * per_item, int(round(t * k))) for t in tpc})
 
     if args.kmeans_only and args.kmeans_iters <= 0:
         raise SystemExit("--kmeans-only needs --kmeans-iters > 0")
@@ -183,14 +275,15 @@ def main(argv=None):
                 model.quantiser.codebook.detach().float().contiguous()
     km_hist = None
     if args.kmeans_iters > 0:
-        n_train = -(-int(args.kmeans_tokens_per_code * k) // per_crop)
-        gen = torch.Generator().manual_seed(args.seed + 1)
+        n_train = -(-int(args.kmeans_tokens_per_code * k) // per_item)
+        seed = src.meta["stream_seed"]
+        gen = torch.Generator().manual_seed(seed + 1)
         xs = torch.cat([latents(model, src.train_batch(gen, min(args.chunk, n_train - i)))
                         for i in range(0, n_train, args.chunk)])
         print(f"k-means: K = {k} on {xs.shape[0]:,} training latents "
               f"({xs.shape[0] / k:g} per code), {args.kmeans_iters} iterations", flush=True)
         ck0 = time.process_time()
-        centres, km_hist = kmeans(xs, k, args.kmeans_iters, args.seed, args.backend)
+        centres, km_hist = kmeans(xs, k, args.kmeans_iters, seed, args.backend)
         km_cpu = time.process_time() - ck0
         codebooks["k-means"] = centres
         del xs
@@ -199,28 +292,26 @@ def main(argv=None):
         "codebook_size": k, "checkpoint": os.path.abspath(args.checkpoint),
         "checkpoint_steps": ck.get("steps_done"), "checkpoint_config": ck.get("config"),
         "checkpoint_heldout_utilisation_10_per_code": ck.get("heldout_utilisation"),
-        "images": names, "crop": crop, "stream_seed": args.seed, "argv": sys.argv[1:],
+        "task": task, **src.meta, "argv": sys.argv[1:],
         "environment": train.environment(), "kmeans_history": km_hist}
     if km_hist is not None:
         payload_base.update({"kmeans_iters": args.kmeans_iters, "kmeans_cpu_seconds": km_cpu,
                              "kmeans_tokens_per_code": args.kmeans_tokens_per_code})
     desc = (f"Model: {ck['kind']} at K = {k} after {ck.get('steps_done')} training steps "
-            f"(config in curve.json). Held-out stream: random {crop}px crops of the "
-            f"held-out strips of {len(names)} skimage images, seed {args.seed}; point n "
+            f"(config in curve.json). Held-out stream ({task}): {src.describe}; point n "
             f"uses the first n tokens. Search: simvq_kernels.nearest_code "
             f"(backend {args.backend!r}), {args.threads} thread(s).")
     if km_hist is not None:
         desc += (f" k-means: Lloyd, {args.kmeans_iters} iterations on "
                  f"{args.kmeans_tokens_per_code:g} training latents per code from the "
-                 f"same encoder, initialised from random latents.")
+                 f"same encoder ({km_cpu / 60:.1f} CPU-min), initialised from random "
+                 f"latents.")
     idx = {name: torch.empty(marks[-1], dtype=torch.int32) for name in codebooks}
-    gen = torch.Generator().manual_seed(args.seed)
     done, next_mark = 0, 0
-    print(f"held-out stream: {n_crops:,} crops = {marks[-1]:,} tokens, points at "
+    print(f"held-out stream: {n_items:,} items = {marks[-1]:,} tokens, points at "
           f"{', '.join(f'{m:,}' for m in marks)} tokens", flush=True)
-    while done < marks[-1]:
-        n = min(args.chunk, -(-(marks[-1] - done) // per_crop))
-        z = latents(model, src._crops(gen, n, heldout=True))[: marks[-1] - done]
+    for items in src.heldout_batches(n_items, args.chunk):
+        z = latents(model, items)[: marks[-1] - done]
         for name, cb in codebooks.items():
             i, _ = sk.nearest_code(z, cb, backend=args.backend)
             idx[name][done:done + z.shape[0]] = i.to(torch.int32)

@@ -4,11 +4,12 @@
 # root. STAGES picks what to run, in order (default: all, in the order below).
 # NICE (default 15) is the niceness; OUT the results root (default python/results).
 # The committed results ran every stage but the last two (the straight-through
-# controls sweep_ste_lr5e-4 and sweep_ste_beta1: not run, for time).
+# controls sweep_ste_lr5e-4 and sweep_ste_beta1: not run, for time); compare_audio_ste
+# was run after the others.
 # Then: python python/rotation_trick_report.py
 set -euo pipefail
 ALL="compare_images sweep_long sweep_lr5e-4 sweep_beta1 sweep_k8192 compare_audio
-     sweep_ste_lr5e-4 sweep_ste_beta1"
+     compare_audio_ste sweep_ste_lr5e-4 sweep_ste_beta1"
 STAGES=${STAGES:-$ALL}
 NICE=${NICE:-15}
 OUT=${OUT:-python/results}
@@ -23,6 +24,9 @@ for stage in $STAGES; do
     compare_audio)   # the default audio budget, 3,000 steps x 16 windows, lr 2e-3
       run python/train_audio.py --quantisers simvq,simvq_rot,vqp --codebook-sizes 1k \
           --heldout-evals 1 --out $OUT/audio/rotation_trick/compare_k1024 ;;
+    compare_audio_ste)  # vector-quantize-pytorch's SimVQ with rotation_trick=False, audio
+      run python/train_audio.py --quantisers vqp_ste --codebook-sizes 1k \
+          --heldout-evals 1 --out $OUT/audio/rotation_trick/compare_k1024_vqp_ste ;;
     # the sweep: our layer with the rotation trick (images, K = 1024 unless named);
     # --heldout-evals 1 on the 5,000-step runs gives the 2,500-step point of the same run
     sweep_long)

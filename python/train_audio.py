@@ -24,7 +24,7 @@ from simvq_kernels.experiments import data, plots, report, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"steps": 3000, "batch_size": 16, "lr": 2e-3, "codebook_sizes": [1024, 8192, 65536],
             "out": os.path.join(HERE, "results", "audio")}
-SECONDS = 2.0  # per synthetic utterance
+SECONDS = data.UTTERANCE_SECONDS  # per synthetic utterance
 
 
 def main(argv=None):
@@ -52,8 +52,8 @@ def main(argv=None):
     n_held_utt = max(args.min_heldout_utterances,
                      data.utterances_for_tokens(need, SECONDS, hop, args.window))
     t0 = time.perf_counter()
-    train_audio = data.synth_speech(args.train_utterances, SECONDS, seed=0)
-    held_audio = data.synth_speech(n_held_utt, SECONDS, seed=1)
+    train_audio = data.synth_speech(args.train_utterances, SECONDS, seed=data.AUDIO_TRAIN_SEED)
+    held_audio = data.synth_speech(n_held_utt, SECONDS, seed=data.AUDIO_HELDOUT_SEED)
     synth_s = time.perf_counter() - t0
     src = data.WaveSource(train_audio, window=args.window)
     heldout = data.WaveSource.windows(held_audio, args.window)
@@ -67,7 +67,8 @@ def main(argv=None):
         recon_metric="snr", examples=examples,
         notes={"source": "synthetic speech-like audio (simvq_kernels.experiments.data."
                          "synth_speech), train seed 0, held-out seed 1",
-               "sample_rate": data.SAMPLE_RATE, "train_seconds_of_audio":
+               "sample_rate": data.SAMPLE_RATE, "utterance_seconds": SECONDS,
+               "train_seconds_of_audio":
                    args.train_utterances * SECONDS, "heldout_seconds_of_audio":
                    n_held_utt * SECONDS, "window": args.window, "hop": hop,
                "synthesis_seconds": synth_s})

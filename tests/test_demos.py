@@ -132,6 +132,9 @@ def test_synthetic_speech_is_deterministic():
     assert a.shape == (2, 4000) and a.dtype.name == "float32"
     assert (a == b).all() and not (a == c).all()
     assert 0.3 < float(abs(a).max()) < 0.6 and float(a.std()) > 0.01
+    # utterance i is the same whatever the count: a longer held-out stream starts
+    # with the shorter one
+    assert (synth_speech(3, 0.25, seed=7)[:2] == a).all()
 
 
 def test_heldout_crops_never_touch_training_pixels():
@@ -342,6 +345,15 @@ def test_utilisation_curve_counts_prefixes():
         utilisation_curve(idx, 6, [9])
 
 
+def _import_heldout_curve():
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import heldout_curve
+    finally:
+        sys.path.pop(0)
+    return heldout_curve
+
+
 def test_heldout_curve_program_with_kmeans(tmp_path):
     pytest.importorskip("skimage")
     from simvq_kernels.experiments import data
@@ -355,11 +367,7 @@ def test_heldout_curve_program_with_kmeans(tmp_path):
                       progress=False, save_models=str(tmp_path / "models"))
     r = run_one(task, "simvq", 32, cfg)
     assert os.path.exists(r["checkpoint"])
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    try:
-        import heldout_curve
-    finally:
-        sys.path.pop(0)
+    heldout_curve = _import_heldout_curve()
     threads = torch.get_num_threads()
     try:
         payload = heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code",
@@ -383,6 +391,55 @@ def test_heldout_curve_program_with_kmeans(tmp_path):
     assert len(lines) == 5 and lines[0].startswith("codebook,tokens")
     assert (tmp_path / "curve" / "utilisation_vs_tokens_per_code.png").read_bytes()[:4] \
         == b"\x89PNG"
+
+
+def test_heldout_curve_program_on_audio(tmp_path):
+    from simvq_kernels.experiments import data
+    from simvq_kernels.experiments.train import Task, TrainConfig, run_one
+
+    seconds, window = 0.1, 64  # 25 windows of 8 tokens per utterance
+    src = data.WaveSource(data.synth_speech(2, seconds, seed=data.AUDIO_TRAIN_SEED),
+                          window=window)
+    held = data.WaveSource.windows(data.synth_speech(2, seconds,
+                                                     seed=data.AUDIO_HELDOUT_SEED), window)
+    task = Task(name="audio", in_ch=1, nd=1, n_down=3, dim=8, hidden=16,
+                tokens_per_item=8, train_batch=src.train_batch, heldout=held,
+                notes={"window": window, "hop": 8, "utterance_seconds": seconds,
+                       "train_seconds_of_audio": 2 * seconds})
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
+                      progress=False, save_models=str(tmp_path / "models"))
+    r = run_one(task, "simvq", 16, cfg)
+    heldout_curve = _import_heldout_curve()
+    threads = torch.get_num_threads()
+    try:
+        payload = heldout_curve.main(["--checkpoint", r["checkpoint"], "--task", "audio",
+                                      "--tokens-per-code", "10,20", "--kmeans-iters", "2",
+                                      "--kmeans-tokens-per-code", "4", "--chunk", "8",
+                                      "--out", str(tmp_path / "curve")])
+        with pytest.raises(SystemExit):  # the training utterances' seed
+            heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code", "1",
+                                "--seed", str(data.AUDIO_TRAIN_SEED), "--out",
+                                str(tmp_path / "bad")])
+        with pytest.raises(SystemExit):  # not an image model
+            heldout_curve.main(["--checkpoint", r["checkpoint"], "--task", "images",
+                                "--tokens-per-code", "1", "--out", str(tmp_path / "bad")])
+    finally:
+        torch.set_num_threads(threads)
+    assert payload["task"] == "audio" and payload["stream_seed"] == data.AUDIO_HELDOUT_SEED
+    assert set(payload["curves"]) == {"SimVQ", "k-means"}
+    for cv in payload["curves"].values():
+        assert [p["tokens"] for p in cv["points"]] == [160, 320]
+    # the stream is the held-out utterances' windows in order: its first 160 tokens
+    # (20 windows) are the demo's held-out set's first windows
+    model, _ = heldout_curve.load_model(r["checkpoint"])
+    first = heldout_curve.latents(model, held[:20])
+    import simvq_kernels as sk
+
+    idx, _ = sk.nearest_code(first, model.quantiser.codebook.detach().float().contiguous())
+    used = int(torch.unique(idx).numel())
+    assert payload["curves"]["SimVQ"]["points"][0]["used"] == used
+    assert "audio" in (tmp_path / "curve" / "curve.md").read_text().splitlines()[0]
+    assert (tmp_path / "curve" / "utilisation_vs_tokens_per_code.png").exists()
 
 
 def test_rotation_trick_report_collects_runs(tmp_path):

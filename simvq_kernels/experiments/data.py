@@ -103,6 +103,10 @@ class CropSource:
 # ----------------------------------------------------------------------------- audio
 
 SAMPLE_RATE = 16000
+#: the audio demo's utterance length (seconds) and its training / held-out seeds
+UTTERANCE_SECONDS = 2.0
+AUDIO_TRAIN_SEED = 0
+AUDIO_HELDOUT_SEED = 1
 
 # Average adult-male formants F1, F2, F3 (Hz) of American English vowels
 # (Peterson & Barney 1952); F4 is set to 3500 Hz.
