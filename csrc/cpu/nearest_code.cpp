@@ -397,6 +397,21 @@ __attribute__((target("avx2,fma"))) double sq_norm_f32_avx2(const float* x, int6
 }
 const bool kHaveAvx2Fma = cpu::cpu_supports(Isa::kAvx2);
 #endif
+// The scalar order of sq_norm for d elements `stride` apart (a channel-first token).
+template <typename T>
+double sq_norm_strided(const T* x, int64_t d, int64_t stride) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    const T* v = x + j * stride;
+    s0 += double(v[0]) * double(v[0]);
+    s1 += double(v[stride]) * double(v[stride]);
+    s2 += double(v[2 * stride]) * double(v[2 * stride]);
+    s3 += double(v[3 * stride]) * double(v[3 * stride]);
+  }
+  for (; j < d; ++j) s0 += double(x[j * stride]) * double(x[j * stride]);
+  return (s0 + s1) + (s2 + s3);
+}
 template <typename T>
 double sq_norm(const T* x, int64_t d) {
 #ifdef SIMVQ_X86
@@ -404,16 +419,7 @@ double sq_norm(const T* x, int64_t d) {
     if (kHaveAvx2Fma) return sq_norm_f32_avx2(x, d);
   }
 #endif
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t j = 0;
-  for (; j + 4 <= d; j += 4) {
-    s0 += double(x[j]) * double(x[j]);
-    s1 += double(x[j + 1]) * double(x[j + 1]);
-    s2 += double(x[j + 2]) * double(x[j + 2]);
-    s3 += double(x[j + 3]) * double(x[j + 3]);
-  }
-  for (; j < d; ++j) s0 += double(x[j]) * double(x[j]);
-  return (s0 + s1) + (s2 + s3);
+  return sq_norm_strided(x, d, 1);
 }
 
 // Tokens in z's layout: channel-last (T = 0), element (n, j) at n d + j; or
@@ -421,27 +427,16 @@ double sq_norm(const T* x, int64_t d) {
 struct TokenLayout {
   int64_t d, T;
   bool channel_first() const { return T > 0; }
+  int64_t offset(int64_t n) const { return T > 0 ? (n / T) * d * T + n % T : n * d; }
+  int64_t stride() const { return T > 0 ? T : 1; }  // between a token's elements
 };
 
-// ||z_n||^2 for token n of either layout, in sq_norm's order (four interleaved double
-// sums by j mod 4, the tail into the first; the squares of float32 values are exact in
-// double, so every path gives the same bits). Channel-first tokens come here in float32
-// only (float64 ones are gathered into rows for the tile path).
+// ||z_n||^2 for token n of either layout, in sq_norm's order (the AVX2 form gives the
+// scalar form's bits: the squares of float32 values are exact in double).
 template <typename T>
 double token_sq_norm(const T* z, const TokenLayout& lay, int64_t n) {
-  if (!lay.channel_first()) return sq_norm(z + n * lay.d, lay.d);
-  const int64_t d = lay.d, Tn = lay.T;
-  const T* x = z + (n / Tn) * d * Tn + n % Tn;
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t j = 0;
-  for (; j + 4 <= d; j += 4) {
-    s0 += double(x[j * Tn]) * double(x[j * Tn]);
-    s1 += double(x[(j + 1) * Tn]) * double(x[(j + 1) * Tn]);
-    s2 += double(x[(j + 2) * Tn]) * double(x[(j + 2) * Tn]);
-    s3 += double(x[(j + 3) * Tn]) * double(x[(j + 3) * Tn]);
-  }
-  for (; j < d; ++j) s0 += double(x[j * Tn]) * double(x[j * Tn]);
-  return (s0 + s1) + (s2 + s3);
+  const T* x = z + lay.offset(n);
+  return lay.channel_first() ? sq_norm_strided(x, lay.d, lay.stride()) : sq_norm(x, lay.d);
 }
 
 // Scans codes [k_begin, k_end) for tokens [n_begin, n_end); writes the partial
@@ -586,24 +581,17 @@ void pack_code_tile(const float* q, int64_t d, int64_t k0, int64_t bk, int nr, f
 // unless the block crosses into the next batch item).
 void pack_token_tile(const float* z, const TokenLayout& lay, int64_t n0, int64_t n1, int mr,
                      float* dst) {
-  const int64_t d = lay.d, blocks = (n1 - n0 + mr - 1) / mr;
-  const int64_t stride = lay.channel_first() ? lay.T : 1;  // between a token's elements
+  const int64_t d = lay.d, blocks = (n1 - n0 + mr - 1) / mr, stride = lay.stride();
   const float* rows[32];
   TORCH_INTERNAL_ASSERT(mr <= 32, "pack_token_tile: block of ", mr, " rows");
   for (int64_t b = 0; b < blocks; ++b) {
     float* bd = dst + b * mr * d;
     for (int r = 0; r < mr; ++r) {
-      int64_t n = n0 + b * mr + r;
-      if (n >= n1) n = n0 + b * mr;
-      rows[r] = lay.channel_first() ? z + (n / lay.T) * d * lay.T + n % lay.T : z + n * d;
+      const int64_t n = n0 + b * mr + r;
+      rows[r] = z + lay.offset(n < n1 ? n : n0 + b * mr);
     }
-    if (stride == 1) {
-      for (int64_t j = 0; j < d; ++j, bd += mr)  // contiguous stores
-        for (int r = 0; r < mr; ++r) bd[r] = rows[r][j];
-    } else {
-      for (int64_t j = 0; j < d; ++j, bd += mr)
-        for (int r = 0; r < mr; ++r) bd[r] = rows[r][j * stride];
-    }
+    for (int64_t j = 0; j < d; ++j, bd += mr)  // contiguous stores
+      for (int r = 0; r < mr; ++r) bd[r] = rows[r][j * stride];
   }
 }
 
@@ -1072,6 +1060,10 @@ void check_train_tokens(const at::Tensor& z, const at::Tensor& basis) {
 TokenLayout layout_of(const at::Tensor& z) {
   return z.dim() == 3 ? TokenLayout{z.size(1), z.size(2)} : TokenLayout{z.size(1), 0};
 }
+// N: the tokens in z (N, d) or (B, d, T)
+int64_t token_count(const at::Tensor& z) {
+  return z.dim() == 3 ? z.size(0) * z.size(2) : z.size(0);
+}
 
 // Rows [n0, n1) of a channel-first tensor `cf` to (ToRows) or from a contiguous
 // (n1 - n0) x d buffer, in 32 x 32 blocks: every access is a run of consecutive
@@ -1116,7 +1108,7 @@ void scatter_channel_first(const T* rows, const TokenLayout& lay, int64_t n0, in
 at::Tensor token_rows(const at::Tensor& z) {
   if (z.dim() == 2) return z;
   const TokenLayout lay = layout_of(z);
-  const int64_t N = z.size(0) * lay.T;
+  const int64_t N = token_count(z);
   at::Tensor rows = at::empty({N, lay.d}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "simvq_token_rows", [&] {
     const scalar_t* src = z.data_ptr<scalar_t>();
@@ -1136,7 +1128,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const at::Tensor& z,
                                                        const at::Tensor& codebook) {
   const TokenLayout lay = layout_of(z);
   if (!lay.channel_first()) return nearest_code_impl(z, codebook);
-  const int64_t N = z.size(0) * lay.T, K = codebook.size(0);
+  const int64_t N = token_count(z), K = codebook.size(0);
 #ifdef SIMVQ_X86
   const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
   if (z.scalar_type() == at::kFloat && cfg.isa != Isa::kScalar && N > 0 && lay.d > 0) {
@@ -1157,7 +1149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   check_train_tokens(z_in, basis);
   const at::Tensor z = z_in.contiguous();
   const TokenLayout lay = layout_of(z);
-  const int64_t d = lay.d, N = lay.channel_first() ? z.size(0) * lay.T : z.size(0);
+  const int64_t d = lay.d, N = token_count(z);
   // the argument checks see an (N, d) tensor's width, dtype and device
   check_quantize_shapes(lay.channel_first() ? at::empty({0, d}, z.options()) : z, basis,
                         weight, bias);
@@ -1265,7 +1257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_train_backward_cpu(
               "the CPU kernel got `d_out`, `basis`, `codebook`, `indices` on ", d_out.device(),
               ", ", basis.device(), ", ", codebook.device(), ", ", indices.device());
   const TokenLayout lay = layout_of(z_in);
-  const int64_t d = lay.d, N = z_in.dim() == 3 ? z_in.size(0) * z_in.size(2) : z_in.size(0);
+  const int64_t d = lay.d, N = token_count(z_in);
   SIMVQ_CHECK(codebook.dim() == 2 && codebook.size(0) == basis.size(0) &&
                   codebook.size(1) == d && codebook.scalar_type() == z_in.scalar_type(),
               "`codebook` must be (K, d) = (", basis.size(0), ", ", d, ") in ",
