@@ -548,7 +548,6 @@ void merge_splits(const T* z, const TokenLayout& lay, int64_t N, int64_t splits,
 #ifdef SIMVQ_X86
 constexpr int kMr512 = 32, kNr512 = 14;  // 28 accumulators + 2 token vectors + 1 broadcast
 constexpr int kMr256 = 16, kNr256 = 6;   // 12 accumulators + 2 token vectors + 1 broadcast
-static_assert(kNr512 % 2 == 0 && kNr256 % 2 == 0, "the epilogue's min runs in pairs");
 // The packed codes are read as one sequential stream from L2; each step prefetches the
 // line this many steps ahead into L1 (a prefetch past the end is harmless).
 constexpr int kPrefetchAhead = 8;
@@ -595,147 +594,65 @@ void pack_token_tile(const float* z, const TokenLayout& lay, int64_t n0, int64_t
   }
 }
 
-// One block of kMr512 tokens (packed a, two vectors) against `panels` panels of kNr512
-// codes (packed b, norms qb) whose first code is k0; folds the results into
-// val/idx[0..rows) (strict '<': earlier tiles hold lower indices).
-__attribute__((target("avx512f"))) void block_scan_avx512(
-    const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
-    int rows, float* val, int64_t* idx) {
-  constexpr int MR = kMr512, NR = kNr512, TV = 2;
-  const float inf = std::numeric_limits<float>::infinity();
-  alignas(64) float seed[MR];
-  for (int r = 0; r < MR; ++r) seed[r] = r < rows ? val[r] : inf;
-  __m512 bv[TV];
-  __m512i bi[TV];
-  for (int t = 0; t < TV; ++t) {
-    bv[t] = _mm512_load_ps(seed + 16 * t);
-    bi[t] = _mm512_set1_epi32(-1);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const float* bq = b + p * NR * d;
-    const float* qn = qb + p * NR;
-    __m512 c[TV][NR];
-#pragma GCC unroll 16
-    for (int k = 0; k < NR; ++k) c[0][k] = c[1][k] = _mm512_set1_ps(qn[k]);
-    const float* ap = a;
-    for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
-      _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
-      const __m512 a0 = _mm512_loadu_ps(ap), a1 = _mm512_loadu_ps(ap + 16);
-#pragma GCC unroll 16
-      for (int k = 0; k < NR; ++k) {
-        const __m512 bc = _mm512_set1_ps(bq[k]);
-        c[0][k] = _mm512_fmadd_ps(a0, bc, c[0][k]);
-        c[1][k] = _mm512_fmadd_ps(a1, bc, c[1][k]);
-      }
-    }
-#pragma GCC unroll 2
-    for (int t = 0; t < TV; ++t) {
-      // min16(x, m) is m when x is NaN or equal: m never loses the running minimum
-      __m512 m0 = min16(c[t][0], bv[t]), m1 = min16(c[t][1], bv[t]);
-#pragma GCC unroll 16
-      for (int k = 2; k < NR; k += 2) {
-        m0 = min16(c[t][k], m0);
-        m1 = min16(c[t][k + 1], m1);
-      }
-      const __m512 m = min16(m0, m1);
-      const __mmask16 better = _mm512_cmp_ps_mask(m, bv[t], _CMP_LT_OQ);
-      if (better != 0) {
-        // in the lanes that improved, m is the panel's least value: its position is the
-        // lowest code holding it (codes walked downwards, the last match kept)
-        const int32_t pos = int32_t(p * NR);
-#pragma GCC unroll 16
-        for (int k = NR - 1; k >= 0; --k) {
-          const __mmask16 eq = _mm512_mask_cmp_ps_mask(better, c[t][k], m, _CMP_EQ_OQ);
-          bi[t] = _mm512_mask_mov_epi32(bi[t], eq, _mm512_set1_epi32(pos + k));
-        }
-        bv[t] = m;  // m is bv[t] bit for bit in the other lanes
-      }
-    }
-  }
-  alignas(64) float bvs[MR];
-  alignas(64) int32_t bis[MR];
-  for (int t = 0; t < TV; ++t) {
-    _mm512_store_ps(bvs + 16 * t, bv[t]);
-    _mm512_store_si512(bis + 16 * t, bi[t]);
-  }
-  for (int r = 0; r < rows; ++r) {
-    if (bis[r] >= 0) {  // improved on the seed
-      val[r] = bvs[r];
-      idx[r] = k0 + bis[r];
-    }
-  }
-}
+// The block scan (block_scan_body.inc), once per ISA: AVX-512 blocks of kMr512 tokens
+// against panels of kNr512 codes, AVX2 blocks of kMr256 against kNr256, the same FMAs in
+// the same order per (token, code).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace isa_avx512 {
+struct V {
+  using reg = __m512;
+  using ireg = __m512i;
+  using mask = __mmask16;
+  static constexpr int W = 16, NR = kNr512;
+  static reg bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static void istore(int32_t* p, ireg v) { _mm512_storeu_si512(p, v); }
+  static ireg iset(int32_t k) { return _mm512_set1_epi32(k); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg min(reg x, reg m) { return min16(x, m); }
+  static mask lt(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static bool any(mask m) { return m != 0; }
+  static mask eq_where(mask m, reg a, reg b) { return _mm512_mask_cmp_ps_mask(m, a, b, _CMP_EQ_OQ); }
+  static ireg iblend(ireg i, mask m, int32_t k) { return _mm512_mask_mov_epi32(i, m, iset(k)); }
+};
+static_assert(2 * V::W == kMr512, "a block is two vectors of tokens");
+#include "block_scan_body.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
 
-// block_scan_avx512 on 8-lane vectors: blocks of kMr256 tokens (two vectors), panels of
-// kNr256 codes, the same FMAs in the same order per (token, code).
-__attribute__((target("avx2,fma"))) void block_scan_avx2(
-    const float* a, const float* b, const float* qb, int64_t d, int64_t panels, int64_t k0,
-    int rows, float* val, int64_t* idx) {
-  constexpr int MR = kMr256, NR = kNr256, TV = 2;
-  const float inf = std::numeric_limits<float>::infinity();
-  alignas(32) float seed[MR];
-  for (int r = 0; r < MR; ++r) seed[r] = r < rows ? val[r] : inf;
-  __m256 bv[TV];
-  __m256i bi[TV];
-  for (int t = 0; t < TV; ++t) {
-    bv[t] = _mm256_load_ps(seed + 8 * t);
-    bi[t] = _mm256_set1_epi32(-1);
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+struct V {
+  using reg = __m256;
+  using ireg = __m256i;
+  using mask = __m256;  // all-ones lanes
+  static constexpr int W = 8, NR = kNr256;
+  static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void istore(int32_t* p, ireg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
-  for (int64_t p = 0; p < panels; ++p) {
-    const float* bq = b + p * NR * d;
-    const float* qn = qb + p * NR;
-    __m256 c[TV][NR];
-#pragma GCC unroll 8
-    for (int k = 0; k < NR; ++k) c[0][k] = c[1][k] = _mm256_broadcast_ss(qn + k);
-    const float* ap = a;
-    for (int64_t j = 0; j < d; ++j, ap += MR, bq += NR) {
-      _mm_prefetch(reinterpret_cast<const char*>(bq + kPrefetchAhead * NR), _MM_HINT_T0);
-      const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
-#pragma GCC unroll 8
-      for (int k = 0; k < NR; ++k) {
-        const __m256 bc = _mm256_broadcast_ss(bq + k);
-        c[0][k] = _mm256_fmadd_ps(a0, bc, c[0][k]);
-        c[1][k] = _mm256_fmadd_ps(a1, bc, c[1][k]);
-      }
-    }
-#pragma GCC unroll 2
-    for (int t = 0; t < TV; ++t) {
-      // min(x, m) returns m when x is NaN or equal: m never loses the running minimum
-      __m256 m0 = _mm256_min_ps(c[t][0], bv[t]), m1 = _mm256_min_ps(c[t][1], bv[t]);
-#pragma GCC unroll 8
-      for (int k = 2; k < NR; k += 2) {
-        m0 = _mm256_min_ps(c[t][k], m0);
-        m1 = _mm256_min_ps(c[t][k + 1], m1);
-      }
-      const __m256 m = _mm256_min_ps(m0, m1);
-      const __m256 better = _mm256_cmp_ps(m, bv[t], _CMP_LT_OQ);
-      if (_mm256_movemask_ps(better) != 0) {
-        // in the lanes that improved, m is the panel's least value: its position is the
-        // lowest code holding it (codes walked downwards, the last match kept)
-        const int32_t pos = int32_t(p * NR);
-#pragma GCC unroll 8
-        for (int k = NR - 1; k >= 0; --k) {
-          const __m256 eq = _mm256_and_ps(better, _mm256_cmp_ps(c[t][k], m, _CMP_EQ_OQ));
-          bi[t] = _mm256_castps_si256(_mm256_blendv_ps(
-              _mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(_mm256_set1_epi32(pos + k)), eq));
-        }
-        bv[t] = m;  // m is bv[t] bit for bit in the other lanes
-      }
-    }
+  static ireg iset(int32_t k) { return _mm256_set1_epi32(k); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg min(reg x, reg m) { return _mm256_min_ps(x, m); }
+  static mask lt(reg a, reg b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static bool any(mask m) { return _mm256_movemask_ps(m) != 0; }
+  static mask eq_where(mask m, reg a, reg b) {
+    return _mm256_and_ps(m, _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
   }
-  alignas(32) float bvs[MR];
-  alignas(32) int32_t bis[MR];
-  for (int t = 0; t < TV; ++t) {
-    _mm256_store_ps(bvs + 8 * t, bv[t]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bis + 8 * t), bi[t]);
+  static ireg iblend(ireg i, mask m, int32_t k) {
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(i), _mm256_castsi256_ps(iset(k)), m));
   }
-  for (int r = 0; r < rows; ++r) {
-    if (bis[r] >= 0) {  // improved on the seed
-      val[r] = bvs[r];
-      idx[r] = k0 + bis[r];
-    }
-  }
-}
+};
+static_assert(2 * V::W == kMr256, "a block is two vectors of tokens");
+#include "block_scan_body.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
 
 // Codes per tile of the register-blocked path: a set tile (SIMVQ_CPU_TILE) is rounded up
 // to whole panels; the automatic one keeps the packed code tile within a quarter of the
@@ -757,7 +674,7 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const To
   const int64_t d = lay.d;
   const bool wide = cfg.isa == Isa::kAvx512;
   const int mr = wide ? kMr512 : kMr256, nr = wide ? kNr512 : kNr256;
-  auto* scan = wide ? block_scan_avx512 : block_scan_avx2;
+  auto* scan = wide ? isa_avx512::block_scan : isa_avx2::block_scan;
   const int64_t panels = (K + nr - 1) / nr;
   // 64-byte aligned (torch's CPU allocator), so that a panel starts on a cache line
   at::Tensor packed = at::empty({panels * nr * d + panels * nr}, at::kFloat);
