@@ -177,12 +177,22 @@ def train_model(model, task: Task, cfg: TrainConfig, codebook_size: int, desc: s
     return hist
 
 
+#: held-out batches of a quantiser that builds the tokens x K distance matrix are cut so
+#: that the matrix stays under this many bytes
+DENSE_EVAL_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def evaluate(model, task: Task, codebook_size: int, eval_batch: int = 1024) -> dict:
     """Held-out codebook utilisation, perplexity, MSE and PSNR/SNR over ``task.heldout``."""
     model.eval()
     usage = CodebookUsage(codebook_size)
     se, n, power = 0.0, 0, 0.0
+    if type(model.quantiser).__module__.startswith("vector_quantize_pytorch"):
+        # vector-quantize-pytorch's search builds the tokens x K distance matrix: keep it
+        # under DENSE_EVAL_BYTES per batch (16 GiB at 1024 crops x 64 tokens x 65,536)
+        eval_batch = max(1, min(eval_batch,
+                                DENSE_EVAL_BYTES // (4 * task.tokens_per_item * codebook_size)))
     for i in range(0, task.heldout.shape[0], eval_batch):
         x = task.heldout[i:i + eval_batch]
         x_hat, idx, _ = model(x)
