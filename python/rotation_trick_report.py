@@ -53,7 +53,8 @@ def collect(root):
 
 def table(rows, with_mid=False):
     head = ["task", "K", "quantiser", "Adam lr", "β", "steps x batch", "held-out utilisation",
-            "codes used", "perplexity", "PSNR/SNR (dB)", "train CPU-s"]
+            "codes used", "perplexity", "held-out tokens per code", "PSNR/SNR (dB)",
+            "train CPU-s"]
     if with_mid:
         head.insert(7, "held-out utilisation at half the steps")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -61,7 +62,8 @@ def table(rows, with_mid=False):
         cells = [r["task"], str(r["codebook_size"]), r["label"], f"{r['lr']:g}",
                  f"{r['beta']:g}", f"{r['steps']} x {r['batch_size']}",
                  format_percent(r["utilisation"]), str(r["used"]), f"{r['perplexity']:.1f}",
-                 f"{r['recon_db']:.2f}", f"{r['train_cpu_seconds']:.0f}"]
+                 f"{r['tokens_per_code']:.0f}", f"{r['recon_db']:.2f}",
+                 f"{r['train_cpu_seconds']:.0f}"]
         if with_mid:
             cells.insert(7, "–" if r["mid_utilisation"] is None else
                          f"{format_percent(r['mid_utilisation'])} (step {r['mid_step']})")
@@ -74,11 +76,17 @@ def plot(rows, path):
     plt = _plt()
     compare = [r for r in rows if r["run"].startswith("compare")]
     sweep = [r for r in rows if r["run"].startswith("sweep")]
-    panels = [(t, [r for r in compare if r["task"] == t]) for t in ("images", "audio")]
-    panels = [p for p in panels if p[1]] + ([("sweep", sweep)] if sweep else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    keys = sorted({(r["task"], r["codebook_size"]) for r in compare},
+                  key=lambda k: (k[0] != "images", k[1]))
+    panels = [(k, [r for r in compare if (r["task"], r["codebook_size"]) == k]) for k in keys]
+    panels += [("sweep", sweep)] if sweep else []
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     styles = ["-", "--", ":", "-."]
-    for ax, (name, rs) in zip(axes[0], panels):
+    for ax, (name, rs) in zip(axes.flat, panels):
         for i, r in enumerate(rs):
             h = r["history"]
             if name == "sweep":
@@ -91,14 +99,15 @@ def plot(rows, path):
             ax.plot([p["step"] for p in h], [100 * p["window_utilisation"] for p in h],
                     color=col, ls=ls, lw=1, label=f"{lab}: {format_percent(r['utilisation'])}")
             ax.plot([h[-1]["step"]], [100 * r["utilisation"]], "D", color=col, markersize=4)
-        title = (f"{name}, K = 1024: side by side" if name != "sweep" else
-                 "images: rotation trick sweep (ours)")
+        title = (f"{name[0]}, K = {name[1]:,}: side by side, {rs[0]['steps']:,} steps"
+                 if name != "sweep" else "images: rotation trick sweep (ours)")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="center right")
-    axes[0][0].set_ylabel(f"codes used in the last {rows[0]['window']} steps (%)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"codes used in the last {rows[0]['window']} steps (%)")
     return _finish(plt, fig, path, "SimVQ with the straight-through estimator vs the "
                    "rotation trick (◆ = held-out utilisation at the end)", fontsize=9)
 
@@ -112,15 +121,16 @@ def main(argv=None):
         raise SystemExit(f"no rotation-trick runs under {args.root}")
     out = os.path.join(args.root, "rotation_trick")
     os.makedirs(out, exist_ok=True)
-    compare = [r for r in rows if r["run"].startswith("compare")]
+    compare = sorted((r for r in rows if r["run"].startswith("compare")),
+                     key=lambda r: (r["task"] != "images", r["codebook_size"]))
     sweep = [r for r in rows if r["run"].startswith("sweep")]
     cpus = sorted({r["cpu_model"] or "?" for r in rows})
     commits = sorted({(r["git_commit"] or "?")[:7] for r in rows})
     md = ["# SimVQ: the straight-through estimator vs the rotation trick", "",
           f"Runs: python/run_rotation_trick.sh; CPU: {', '.join(cpus)}; one torch thread "
-          f"per run; code at {', '.join(commits)}. Held-out sets as in the default runs "
-          f"(images {compare[0]['tokens_per_code'] if compare else '?':g} tokens per code "
-          f"at K = 1024).", ""]
+          f"per run; code at {', '.join(commits)}. Held-out utilisation counts the codes "
+          f"picked at least once on the held-out set (its size in tokens per code is in "
+          f"each row).", ""]
     if compare:
         md += ["## Side by side (same model, data, seed, batch order, optimiser, steps)", "",
                table(compare)]
