@@ -270,6 +270,32 @@ def test_extra_quantisers_are_what_they_say():
         assert out.shape == z.shape and idx.shape == (2, 5) and loss.dim() == 0
 
 
+def test_dense_search_quantisers_are_evaluated_in_capped_batches(monkeypatch):
+    """vector-quantize-pytorch's search builds the tokens x K matrix: held-out batches
+    shrink so that it stays under DENSE_EVAL_BYTES, with the same metrics as one batch;
+    our layer keeps the full batch."""
+    pytest.importorskip("vector_quantize_pytorch")
+    from simvq_kernels.experiments import train
+    from simvq_kernels.experiments.models import build_autoencoder
+
+    task = _tiny_task()  # 16 items x 16 tokens
+    kw = dict(in_ch=1, dim=8, hidden=16, n_down=2, nd=1, seed=3)
+    for kind, cap, want in (("vqp", 4 * 16 * 32 * 5, 5), ("vqp_ste", 1, 1),
+                            ("simvq", 1, 16)):
+        model = build_autoencoder(kind, 32, **kw)
+        full = train.evaluate(model, task, 32, eval_batch=16)
+        seen = []
+        hook = model.quantiser.register_forward_hook(
+            lambda mod, args, out: seen.append(args[0].shape[0]))
+        monkeypatch.setattr(train, "DENSE_EVAL_BYTES", cap)
+        got = train.evaluate(model, task, 32, eval_batch=16)
+        monkeypatch.undo()
+        hook.remove()
+        assert max(seen) == want and sum(seen) == 16, (kind, seen)
+        assert got["used"] == full["used"] and got["perplexity"] == pytest.approx(
+            full["perplexity"]) and got["mse"] == pytest.approx(full["mse"])
+
+
 def test_sweep_skips_vq_pytorch_quantisers_without_the_package(monkeypatch):
     from simvq_kernels.experiments import models
     from simvq_kernels.experiments.train import TrainConfig, markdown_table, run_sweep
@@ -455,20 +481,26 @@ def test_rotation_trick_report_collects_runs(tmp_path):
     task.name = "images"  # the report reads images/ and audio/ runs alike
     cfg = TrainConfig(steps=4, batch_size=2, log_every=1, window=2, threads=1,
                       progress=False)
-    runs = {"compare_k1024": ["simvq", "simvq_rot"], "sweep/lr2e-3_beta1.0": ["simvq_rot"]}
-    for run, kinds in runs.items():
-        res = [run_one(task, kind, 16, cfg) for kind in kinds]
+    runs = {"compare_k32": (32, ["simvq_rot"]), "compare_k16": (16, ["simvq", "simvq_rot"]),
+            "sweep/lr2e-3_beta1.0": (16, ["simvq_rot"])}
+    for run, (k, kinds) in runs.items():
+        res = [run_one(task, kind, k, cfg) for kind in kinds]
         write_results(str(tmp_path / "images" / "rotation_trick" / run), task, cfg, res)
     rows = rotation_trick_report.main(["--root", str(tmp_path)])
-    assert [(r["run"], r["quantiser"]) for r in rows] == [
-        ("compare_k1024", "simvq"), ("compare_k1024", "simvq_rot"),
+    assert sorted((r["run"], r["quantiser"]) for r in rows) == [
+        ("compare_k16", "simvq"), ("compare_k16", "simvq_rot"), ("compare_k32", "simvq_rot"),
         ("sweep/lr2e-3_beta1.0", "simvq_rot")]
     text = (tmp_path / "rotation_trick" / "results.md").read_text()
     compare, sweep = text.split("## Sweep")
-    got = parse_markdown_table(compare)
-    assert [t["quantiser"] for t in got] == ["SimVQ", "SimVQ + rotation trick"]
-    assert [t["codes used"] for t in got] == [str(r["used"]) for r in rows[:2]]
+    got = parse_markdown_table(compare)  # ordered by task, then K
+    assert [(t["K"], t["quantiser"]) for t in got] == [
+        ("16", "SimVQ"), ("16", "SimVQ + rotation trick"), ("32", "SimVQ + rotation trick")]
+    by_run = {(r["run"], r["quantiser"]): r for r in rows}
+    assert [t["codes used"] for t in got] == [
+        str(by_run[k]["used"]) for k in (("compare_k16", "simvq"), ("compare_k16", "simvq_rot"),
+                                         ("compare_k32", "simvq_rot"))]
+    assert {t["held-out tokens per code"] for t in got} == {"16", "8"}  # 256 tokens
     assert parse_markdown_table(sweep)[0]["held-out utilisation at half the steps"] == "–"
-    assert len((tmp_path / "rotation_trick" / "results.csv").read_text().splitlines()) == 4
+    assert len((tmp_path / "rotation_trick" / "results.csv").read_text().splitlines()) == 5
     assert (tmp_path / "rotation_trick" / "utilisation_over_steps.png").read_bytes()[:4] \
         == b"\x89PNG"
