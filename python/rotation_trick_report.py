@@ -125,9 +125,13 @@ def main(argv=None):
                      key=lambda r: (r["task"] != "images", r["codebook_size"]))
     sweep = [r for r in rows if r["run"].startswith("sweep")]
     cpus = sorted({r["cpu_model"] or "?" for r in rows})
+    if len(cpus) > 1:  # name each CPU's runs: train CPU-s compare only within one CPU
+        runs_on = {c: sorted({f"{r['task']}/{r['run']}" for r in rows
+                              if (r["cpu_model"] or "?") == c}) for c in cpus}
+        cpus = [f"{c} ({', '.join(runs_on[c])})" for c in cpus]
     commits = sorted({(r["git_commit"] or "?")[:7] for r in rows})
     md = ["# SimVQ: the straight-through estimator vs the rotation trick", "",
-          f"Runs: python/run_rotation_trick.sh; CPU: {', '.join(cpus)}; one torch thread "
+          f"Runs: python/run_rotation_trick.sh; CPU: {'; '.join(cpus)}; one torch thread "
           f"per run; code at {', '.join(commits)}. Held-out utilisation counts the codes "
           f"picked at least once on the held-out set (its size in tokens per code is in "
           f"each row).", ""]

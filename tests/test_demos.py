@@ -486,6 +486,10 @@ def test_rotation_trick_report_collects_runs(tmp_path):
     for run, (k, kinds) in runs.items():
         res = [run_one(task, kind, k, cfg) for kind in kinds]
         write_results(str(tmp_path / "images" / "rotation_trick" / run), task, cfg, res)
+    moved = tmp_path / "images" / "rotation_trick" / "compare_k32" / "results.json"
+    payload = json.loads(moved.read_text())  # one run made on another CPU
+    payload["environment"]["cpu_model"] = "Other CPU"
+    moved.write_text(json.dumps(payload))
     rows = rotation_trick_report.main(["--root", str(tmp_path)])
     assert sorted((r["run"], r["quantiser"]) for r in rows) == [
         ("compare_k16", "simvq"), ("compare_k16", "simvq_rot"), ("compare_k32", "simvq_rot"),
@@ -501,6 +505,7 @@ def test_rotation_trick_report_collects_runs(tmp_path):
                                          ("compare_k32", "simvq_rot"))]
     assert {t["held-out tokens per code"] for t in got} == {"16", "8"}  # 256 tokens
     assert parse_markdown_table(sweep)[0]["held-out utilisation at half the steps"] == "–"
+    assert "Other CPU (images/compare_k32);" in text  # each CPU's runs are named
     assert len((tmp_path / "rotation_trick" / "results.csv").read_text().splitlines()) == 5
     assert (tmp_path / "rotation_trick" / "utilisation_over_steps.png").read_bytes()[:4] \
         == b"\x89PNG"
