@@ -293,3 +293,36 @@ def test_compare_builds_runs_two_builds_side_by_side(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         a_ms, b_ms, ratio = float(cells[1]), float(cells[3]), float(cells[5].rstrip("×"))
         assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio
+
+
+def test_search_breakdown_splits_a_call_into_its_parts(tmp_path):
+    """benchmarks/search_breakdown.py on tiny shapes: one row per shape whose parts are
+    consistent with one another (the full call from its % of peak, the per-token time
+    from its share), and the header names the CPU, the commit and the command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bd.md"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "search_breakdown.py"),
+                          "--shapes", "64x700x8,40x300x33", "--rounds", "1", "--repeat", "1",
+                          "--threads", "1", "--markdown", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "needs AVX2 or AVX-512" in res.stdout + res.stderr:
+        pytest.skip("this CPU runs the scalar search: no register panel to break down")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    assert "- **cpu**:" in text and "**git commit**" in text and "--shapes 64x700x8" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 64 ", "| 40 "))]
+    assert len(rows) == 2, text
+    peaks = [float(p) for p in text.split("FMA peak: ")[1].split(" GFLOP/s")[0].split(", ")]
+    for row, (n, k, d), peak in zip(rows, ((64, 700, 8), (40, 300, 33)), peaks):
+        cells = [c.strip().rstrip("%") for c in row.strip("|").split("|")]
+        full_ms, full_pct, token_share, token_ns = (float(cells[1]), float(cells[2]),
+                                                    float(cells[4]), float(cells[5]))
+        assert full_ms > 0 and 0 < full_pct < 150
+        # the peak is printed rounded: allow its rounding and the table's
+        assert full_pct == pytest.approx(2 * n * k * d / (full_ms * 1e6) / peak * 100,
+                                         rel=0.05, abs=0.2)
+        assert token_ns == pytest.approx(token_share / 100 * full_ms * 1e6 / n, rel=0.05, abs=1)
