@@ -32,6 +32,7 @@ import torch
 
 import simvq_kernels as sk
 from simvq_kernels import _ext
+from simvq_kernels import peak as fma
 from simvq_kernels.experiments.train import environment
 
 SHAPES = "16384x1024x64,16384x8192x64,8192x65536x32,4096x16384x256"
@@ -64,13 +65,8 @@ def main(argv=None):
     if isa not in PANEL:
         raise SystemExit(f"the register-blocked search needs AVX2 or AVX-512; this build "
                          f"runs {isa!r}")
-    lanes, panel = {"avx512": 16, "avx2": 8}[isa], PANEL[isa]
+    panel = PANEL[isa]
     threads = torch.get_num_threads()
-    it = 2_000_000
-
-    def peak():
-        return 2 * 12 * lanes * it * threads / best(
-            lambda: torch.ops.simvq.fma_peak(isa, it), 5) / 1e9
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -81,7 +77,7 @@ def main(argv=None):
         q1 = q[:panel].clone()
         t = {"full": [], "nocheck": [], "panel": [], "peak": []}
         for _ in range(args.rounds):
-            t["peak"].append(peak())
+            t["peak"].append(fma.gflops(isa))
             t["full"].append(best(lambda: sk.nearest_code(z, q, backend="cpu"), args.repeat))
             t["nocheck"].append(best(lambda: sk.nearest_code(
                 z, q, backend="cpu", check_finite=False), args.repeat))
