@@ -260,13 +260,16 @@ def test_values_outside_float32_window_search_in_float64(scale):
     assert layer(z)[1].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("shape", [(3, 20, 37), (1, 20, 5), (2, 20, 1500), (7, 20, 64)])
+@pytest.mark.parametrize("shape", [(3, 20, 37), (1, 20, 5), (2, 20, 1500), (7, 20, 64),
+                                   (5, 64, 256), (5, 24, 300)])
 def test_channel_first_op_bit_identical_to_channel_last_on_every_isa(shape):
     """quantize_train on channel-first tokens (B, d, T) gives exactly the bits of the
     channel-last op on the moved tokens: indices, distances, out, the sum of squares and
     the backward, on every ISA (the vector ISAs pack the channel-first tokens in place,
     blocks crossing batch items when T is not a multiple of the block; scalar gathers
-    rows) and thread count (few tokens: the code range is split and merged)."""
+    rows) and thread count (few tokens: the code range is split and merged). The shapes
+    cover the layout moves' 8 x 8 blocks (d and T multiples of 8), their channel and
+    token edges, and chunks of tokens that start inside a batch item."""
     g = torch.Generator().manual_seed(shape[2])
     d, r, k = shape[1], 9, 700
     z = torch.randn(shape, generator=g)

@@ -833,6 +833,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
 // partials.
 constexpr int64_t kBwdChunk = 1024;
 constexpr int64_t kBwdGroup = 8;
+// Channel-first tokens pass through row buffers in blocks of this many tokens (one
+// transposing block of move_channel_first): 8 KiB per buffer at d = 64 in float32.
+constexpr int64_t kCfBlock = 32;
 
 template <typename T>
 void chunk_grad(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t n0, int64_t n1,
@@ -982,27 +985,88 @@ int64_t token_count(const at::Tensor& z) {
   return z.dim() == 3 ? z.size(0) * z.size(2) : z.size(0);
 }
 
+#ifdef SIMVQ_X86
+// dst[c * ds + r] = src[r * ss + c] for an 8 x 8 block of floats (a pure data move).
+__attribute__((target("avx2"))) inline void transpose8x8_f32(const float* src, int64_t ss,
+                                                             float* dst, int64_t ds) {
+  const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss),
+               r2 = _mm256_loadu_ps(src + 2 * ss), r3 = _mm256_loadu_ps(src + 3 * ss),
+               r4 = _mm256_loadu_ps(src + 4 * ss), r5 = _mm256_loadu_ps(src + 5 * ss),
+               r6 = _mm256_loadu_ps(src + 6 * ss), r7 = _mm256_loadu_ps(src + 7 * ss);
+  // pairs of rows interleaved, then quads: u_c holds columns c and c + 4 of rows 0-3 / 4-7
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+               t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+               t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
 // Rows [n0, n1) of a channel-first tensor `cf` to (ToRows) or from a contiguous
-// (n1 - n0) x d buffer, in 32 x 32 blocks: every access is a run of consecutive
-// elements (a power-of-two stride T between the rows of one token would keep hitting the
-// same cache sets).
+// (n1 - n0) x d buffer, in blocks of 32 tokens: every access is a run of consecutive
+// elements, and each channel's next run is prefetched (d streams a power-of-two stride T
+// apart are more than the hardware prefetchers follow and keep hitting the same cache
+// sets). float32 at a vector ISA (`isa`, the call's configured one: AVX2 or wider)
+// moves 8 x 8 blocks with AVX2 transposes, the edges element by element; the scalar ISA
+// moves every element alone. A pure data move, so the same bits either way.
 template <bool ToRows, typename T>
-void move_channel_first(std::conditional_t<ToRows, const T*, T*> cf, const TokenLayout& lay,
-                        int64_t n0, int64_t n1, std::conditional_t<ToRows, T*, const T*> rows) {
+void move_channel_first(Isa isa, std::conditional_t<ToRows, const T*, T*> cf,
+                        const TokenLayout& lay, int64_t n0, int64_t n1,
+                        std::conditional_t<ToRows, T*, const T*> rows) {
   constexpr int64_t kBlk = 32;
   const int64_t d = lay.d, Tn = lay.T;
+  bool vec = false;
+#ifdef SIMVQ_X86
+  vec = std::is_same_v<T, float> && isa != Isa::kScalar && kHaveAvx2Fma;
+#else
+  (void)isa;
+#endif
+  const int64_t dv = vec ? d / 8 * 8 : 0;  // channels [0, dv) go by 8 x 8 blocks
   for (int64_t n = n0; n < n1;) {
     const int64_t b = n / Tn, t0 = n % Tn, t1 = std::min(Tn, t0 + (n1 - n));
+    auto* cb = cf + b * d * Tn;               // image b: channel j at cb + j Tn
+    auto* rb = rows + (n - n0) * d;            // token t of image b at rb + (t - t0) d
     for (int64_t ta = t0; ta < t1; ta += kBlk) {
       const int64_t tb = std::min(t1, ta + kBlk);
-      for (int64_t j = 0; j < d; ++j) {
-        auto* c = cf + (b * d + j) * Tn;
-        auto* r = rows + (b * Tn + ta - n0) * d + j;
-        for (int64_t t = ta; t < tb; ++t, r += d) {
+      if (tb < t1) {
+        for (int64_t j = 0; j < d; ++j) {
+          __builtin_prefetch(cb + j * Tn + tb, ToRows ? 0 : 1);
+          if (kBlk * sizeof(T) > 64) __builtin_prefetch(cb + j * Tn + tb + 64 / sizeof(T),
+                                                        ToRows ? 0 : 1);
+        }
+      }
+      const int64_t tv = vec ? ta + (tb - ta) / 8 * 8 : ta;  // tokens [ta, tv) by blocks
+#ifdef SIMVQ_X86
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t t = ta; t < tv; t += 8) {
+          for (int64_t j = 0; j < dv; j += 8) {
+            if constexpr (ToRows) {
+              transpose8x8_f32(cb + j * Tn + t, Tn, rb + (t - t0) * d + j, d);
+            } else {
+              transpose8x8_f32(rb + (t - t0) * d + j, d, cb + j * Tn + t, Tn);
+            }
+          }
+        }
+      }
+#endif
+      for (int64_t j = 0; j < d; ++j) {  // what the blocks left: the edges
+        auto* c = cb + j * Tn;
+        for (int64_t t = j < dv ? tv : ta; t < tb; ++t) {
           if constexpr (ToRows) {
-            *r = c[t];
+            rb[(t - t0) * d + j] = c[t];
           } else {
-            c[t] = *r;
+            c[t] = rb[(t - t0) * d + j];
           }
         }
       }
@@ -1011,18 +1075,18 @@ void move_channel_first(std::conditional_t<ToRows, const T*, T*> cf, const Token
   }
 }
 template <typename T>
-void gather_channel_first(const T* cf, const TokenLayout& lay, int64_t n0, int64_t n1,
-                          T* rows) {
-  move_channel_first<true, T>(cf, lay, n0, n1, rows);
+void gather_channel_first(Isa isa, const T* cf, const TokenLayout& lay, int64_t n0,
+                          int64_t n1, T* rows) {
+  move_channel_first<true, T>(isa, cf, lay, n0, n1, rows);
 }
 template <typename T>
-void scatter_channel_first(const T* rows, const TokenLayout& lay, int64_t n0, int64_t n1,
-                           T* cf) {
-  move_channel_first<false, T>(cf, lay, n0, n1, rows);
+void scatter_channel_first(Isa isa, const T* rows, const TokenLayout& lay, int64_t n0,
+                           int64_t n1, T* cf) {
+  move_channel_first<false, T>(isa, cf, lay, n0, n1, rows);
 }
 
 // z (N, d) itself, or the channel-first tokens gathered into a new (N, d) tensor.
-at::Tensor token_rows(const at::Tensor& z) {
+at::Tensor token_rows(Isa isa, const at::Tensor& z) {
   if (z.dim() == 2) return z;
   const TokenLayout lay = layout_of(z);
   const int64_t N = token_count(z);
@@ -1031,7 +1095,7 @@ at::Tensor token_rows(const at::Tensor& z) {
     const scalar_t* src = z.data_ptr<scalar_t>();
     scalar_t* dst = rows.data_ptr<scalar_t>();
     at::parallel_for(0, N, kBwdChunk, [&](int64_t n0, int64_t n1) {
-      gather_channel_first(src, lay, n0, n1, dst + n0 * lay.d);
+      gather_channel_first(isa, src, lay, n0, n1, dst + n0 * lay.d);
     });
   });
   return rows;
@@ -1040,14 +1104,14 @@ at::Tensor token_rows(const at::Tensor& z) {
 // nearest_code_impl for the training step's tokens, either layout. Channel-first float32
 // tokens on a vector ISA go to the register-blocked search as they are (its token
 // packing reads them in place); the other paths search a gathered (N, d) copy. The same
-// values either way, so the same bits.
-std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const at::Tensor& z,
+// values either way, so the same bits. `cfg`: the call's snapshot of the configuration.
+std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const cpu::KernelConfig& cfg,
+                                                       const at::Tensor& z,
                                                        const at::Tensor& codebook) {
   const TokenLayout lay = layout_of(z);
   if (!lay.channel_first()) return nearest_code_impl(z, codebook);
   const int64_t N = token_count(z), K = codebook.size(0);
 #ifdef SIMVQ_X86
-  const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
   if (z.scalar_type() == at::kFloat && cfg.isa != Isa::kScalar && N > 0 && lay.d > 0) {
     const at::Tensor cb = codebook.contiguous();
     at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
@@ -1057,7 +1121,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_tokens(const at::Tensor& z,
     return {idx, dist};
   }
 #endif
-  return nearest_code_impl(token_rows(z), codebook);
+  return nearest_code_impl(token_rows(cfg.isa, z), codebook);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_train_cpu(
@@ -1071,7 +1135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   check_quantize_shapes(lay.channel_first() ? at::empty({0, d}, z.options()) : z, basis,
                         weight, bias);
   const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, z.scalar_type());
-  auto [idx, dist] = nearest_code_tokens(z, codebook);
+  const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
+  const Isa isa = cfg.isa;
+  auto [idx, dist] = nearest_code_tokens(cfg, z, codebook);
   at::Tensor out = at::empty_like(z);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
   std::vector<double> part(std::max<int64_t>(chunks, 1), 0.0);
@@ -1086,35 +1152,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
         // compiler vectorises the loop without reassociating anything)
         double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         const int64_t n0 = c * kBwdChunk, n1 = std::min(N, (c + 1) * kBwdChunk);
-        // channel-first: the chunk's tokens are gathered into a buffer and its output
-        // rows go through another, then scattered
-        scalar_t* ob = lay.channel_first() ? thread_buffer<scalar_t, 4>(kBwdChunk * d)
-                                           : o + n0 * d;
-        const scalar_t* zc = zp + n0 * d;
-        if (lay.channel_first()) {
-          scalar_t* zb = thread_buffer<scalar_t, 5>(kBwdChunk * d);
-          gather_channel_first(zp, lay, n0, n1, zb);
-          zc = zb;
-        }
-        for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* zr = zc + (n - n0) * d;
-          const scalar_t* qr = q + ix[n] * d;
-          scalar_t* orow = ob + (n - n0) * d;
-          for (int64_t j = 0; j < d; ++j) orow[j] = zr[j] + (qr[j] - zr[j]);
-          int64_t j = 0;
-          for (; j + 8 <= d; j += 8) {
-            for (int l = 0; l < 8; ++l) {
-              const double v = double(qr[j + l] - zr[j + l]);
-              s[l] += v * v;
+        // rows [b0, b1) of the chunk: z rows at zc, output rows at oc (row b0 first)
+        auto rows = [&](int64_t b0, int64_t b1, const scalar_t* zc, scalar_t* oc) {
+          for (int64_t n = b0; n < b1; ++n) {
+            const scalar_t* zr = zc + (n - b0) * d;
+            const scalar_t* qr = q + ix[n] * d;
+            scalar_t* orow = oc + (n - b0) * d;
+            for (int64_t j = 0; j < d; ++j) orow[j] = zr[j] + (qr[j] - zr[j]);
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8) {
+              for (int l = 0; l < 8; ++l) {
+                const double v = double(qr[j + l] - zr[j + l]);
+                s[l] += v * v;
+              }
+            }
+            for (; j < d; ++j) {
+              const double v = double(qr[j] - zr[j]);
+              s[j - (d & ~int64_t(7))] += v * v;
             }
           }
-          for (; j < d; ++j) {
-            const double v = double(qr[j] - zr[j]);
-            s[j - (d & ~int64_t(7))] += v * v;
+        };
+        if (!lay.channel_first()) {
+          rows(n0, n1, zp + n0 * d, o + n0 * d);
+        } else {
+          // channel-first: blocks of kCfBlock tokens are gathered into a small buffer, and
+          // their output rows go through another and are scattered (the buffers stay in
+          // L1 / L2 whatever the chunk size); the same tokens in the same order
+          scalar_t* zb = thread_buffer<scalar_t, 5>(kCfBlock * d);
+          scalar_t* ob = thread_buffer<scalar_t, 4>(kCfBlock * d);
+          for (int64_t b0 = n0; b0 < n1; b0 += kCfBlock) {
+            const int64_t b1 = std::min(n1, b0 + kCfBlock);
+            gather_channel_first(isa, zp, lay, b0, b1, zb);
+            rows(b0, b1, zb, ob);
+            scatter_channel_first(isa, ob, lay, b0, b1, o);
           }
         }
         part[c] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-        if (lay.channel_first()) scatter_channel_first(ob, lay, n0, n1, o);
       }
     });
   });
@@ -1131,31 +1204,40 @@ void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& l
   reduce_token_chunks<T>(N, d, r, cq, dw_out, db_out,
                          [&](int64_t, int64_t n0, int64_t n1, T* dw, double* pdb) {
     T* diff = thread_buffer<T, 3>(kBwdChunk * d);
-    const T* zc = z + n0 * d;
-    const T* gc = g + n0 * d;
-    T* dzc = dz + n0 * d;
-    if (cf) {  // channel-first: the chunk's z, d_out and dz rows go through buffers
-      T* zb = thread_buffer<T, 4>(kBwdChunk * d);
-      T* gb = thread_buffer<T, 5>(kBwdChunk * d);
-      gather_channel_first(z, lay, n0, n1, zb);
-      gather_channel_first(g, lay, n0, n1, gb);
-      zc = zb, gc = gb, dzc = thread_buffer<T, 6>(kBwdChunk * d);
-    }
     for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* zr = zc + (n - n0) * d;
-      const T* qr = q + idx[n] * d;
-      const T* gr = gc + (n - n0) * d;
-      T* dr_ = diff + (n - n0) * d;
-      T* dzr = dzc + (n - n0) * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const T v = qr[j] - zr[j];
-        dr_[j] = v;
-        dzr[j] = gr[j] - cz * v;
-        pdb[j] += double(v);
+    // rows [b0, b1) of the chunk: z, d_out and dz rows at zc, gc, dzc (row b0 first)
+    auto rows = [&](int64_t b0, int64_t b1, const T* zc, const T* gc, T* dzc) {
+      for (int64_t n = b0; n < b1; ++n) {
+        const T* zr = zc + (n - b0) * d;
+        const T* qr = q + idx[n] * d;
+        const T* gr = gc + (n - b0) * d;
+        T* dr_ = diff + (n - n0) * d;
+        T* dzr = dzc + (n - b0) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const T v = qr[j] - zr[j];
+          dr_[j] = v;
+          dzr[j] = gr[j] - cz * v;
+          pdb[j] += double(v);
+        }
+      }
+    };
+    if (!cf) {
+      rows(n0, n1, z + n0 * d, g + n0 * d, dz + n0 * d);
+    } else {
+      // channel-first: blocks of kCfBlock tokens of z and d_out are gathered into small
+      // buffers and their dz rows scattered from a third (L1 / L2-sized, whatever the
+      // chunk size); the same tokens in the same order, so the same sums
+      T* zb = thread_buffer<T, 4>(kCfBlock * d);
+      T* gb = thread_buffer<T, 5>(kCfBlock * d);
+      T* dzb = thread_buffer<T, 6>(kCfBlock * d);
+      for (int64_t b0 = n0; b0 < n1; b0 += kCfBlock) {
+        const int64_t b1 = std::min(n1, b0 + kCfBlock);
+        gather_channel_first(isa, z, lay, b0, b1, zb);
+        gather_channel_first(isa, g, lay, b0, b1, gb);
+        rows(b0, b1, zb, gb, dzb);
+        scatter_channel_first(isa, dzb, lay, b0, b1, dz);
       }
     }
-    if (cf) scatter_channel_first(dzc, lay, n0, n1, dz);
     // dw[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
     cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr, dw, r);
   });
