@@ -5,6 +5,12 @@ build, alternately, on the same inputs; each child times ``nearest_code`` (backe
 machine's speed between rounds hits both builds alike. Reports per shape the median over
 rounds of each build's time and % of peak, and the median of the per-round ratios.
 
+``--op step`` times the training step instead, as the bench's ``layer fwd+bwd`` rows do:
+a float32 ``SimVQ`` layer (backend ``cpu``) forward and the backward of
+``loss + sum(out * g)``, channel-last and channel-first (the tokens as (N/256, d, 16, 16)
+images), next to the bare search of the layer's codebook; per build the times and the
+step / search ratios, and the A / B ratio of each.
+
     git worktree add /tmp/simvq-old <commit> && (cd /tmp/simvq-old && \\
         SIMVQ_BUILD_CUDA=0 python setup.py build_ext --inplace)
     python benchmarks/compare_builds.py /tmp/simvq-old . --rounds 5 --markdown out.md
@@ -47,12 +53,50 @@ for n, k, d in shapes:
 print(json.dumps(out))
 """
 
+STEP_CHILD = r"""
+import json, sys, time, torch
+import simvq_kernels as sk
+shapes, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
+def best(f, n):
+    f()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    return min(ts)
+def cf(t):  # (N, d) -> (N / 256, d, 16, 16), contiguous
+    return t.reshape(-1, 16, 16, t.shape[1]).permute(0, 3, 1, 2).contiguous()
+out = {"ms": []}
+for n, k, d in shapes:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=g)
+    up = torch.randn(n, d, generator=g) * 1e-3
+    row = {}
+    for name, first in (("step", False), ("step_cf", True)):
+        torch.manual_seed(0)
+        layer = sk.SimVQ(d, k, backend="cpu", channel_first=first)
+        x = (cf(z) if first else z.clone()).requires_grad_(True)
+        u = cf(up) if first else up
+        params = (x, layer.weight, layer.bias)
+        def step():
+            for p in params:
+                p.grad = None
+            o, _, loss = layer(x)
+            (loss + (o * u).sum()).backward()
+        row[name] = 1e3 * best(step, repeat)
+    with torch.no_grad():
+        q = (layer.basis @ layer.weight.t() + layer.bias).contiguous()
+    row["search"] = 1e3 * best(lambda: sk.nearest_code(z, q, backend="cpu"), repeat)
+    out["ms"].append(row)
+print(json.dumps(out))
+"""
+
 DEFAULT_SHAPES = "16384x1024x64,16384x8192x64,8192x65536x32,4096x16384x256"
 
 
-def run(build, shapes, repeat, threads):
+def run(build, shapes, repeat, threads, child=CHILD):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(build))
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), str(repeat),
+    res = subprocess.run([sys.executable, "-c", child, json.dumps(shapes), str(repeat),
                           str(threads)], capture_output=True, text=True, env=env,
                          cwd=os.path.abspath(build), timeout=1800)
     if res.returncode != 0:
@@ -69,13 +113,49 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="calls per timing (best of)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--markdown", help="write the table here too")
+    p.add_argument("--op", choices=("search", "step"), default="search",
+                   help="the bare search (default) or the layer's training step")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.op == "step" and any(n % 256 for n, _, _ in shapes):
+        p.error("--op step lays the tokens out as 16 x 16 images: N must be a multiple "
+                "of 256")
     runs = {"a": [], "b": []}
     for r in range(args.rounds):
         for key, build in (("a", args.a), ("b", args.b)):
-            runs[key].append(run(build, shapes, args.repeat, args.threads))
+            runs[key].append(run(build, shapes, args.repeat, args.threads,
+                                 STEP_CHILD if args.op == "step" else CHILD))
             print(f"round {r + 1} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    text = (step_table if args.op == "step" else search_table)(args, shapes, runs)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+
+
+def step_table(args, shapes, runs):
+    med = statistics.median
+    lines = [f"A = `{args.a}`, B = `{args.b}`; training step (float32 SimVQ layer, backend "
+             f"cpu, forward + backward of loss + sum(out * g)) and the bare search, "
+             f"{args.threads} threads, {args.rounds} rounds (A then B each round), best of "
+             f"{args.repeat} calls per timing; step / search per round, then the median.", "",
+             "| N × K × d | op | A ms | A / search | B ms | B / search | A / B (median of rounds) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for i, (n, k, d) in enumerate(shapes):
+        for op in ("search", "step", "step_cf"):
+            cols = []
+            for key in ("a", "b"):
+                cols += [f"{med(x['ms'][i][op] for x in runs[key]):.4g}",
+                         f"{med(x['ms'][i][op] / x['ms'][i]['search'] for x in runs[key]):.2f}"]
+            ratio = med(a["ms"][i][op] / b["ms"][i][op] for a, b in zip(runs["a"], runs["b"]))
+            name = {"search": "search", "step": "step, channel-last",
+                    "step_cf": "step, channel-first"}[op]
+            lines.append(f"| {n} × {k} × {d} | {name} | " + " | ".join(cols)
+                         + f" | {ratio:.2f}× |")
+    return "\n".join(lines)
+
+
+def search_table(args, shapes, runs):
     isa = runs["b"][0]["isa"]
     lines = [f"A = `{args.a}`, B = `{args.b}`; ISA {isa}, {args.threads} threads, "
              f"{args.rounds} rounds (A then B each round), best of {args.repeat} calls per "
@@ -92,11 +172,7 @@ def main():
             cols += [f"{ms:.4g}", f"{pct:.1f}%"]
         ratio = statistics.median(a["ms"][i] / b["ms"][i] for a, b in zip(runs["a"], runs["b"]))
         lines.append(f"| {n} × {k} × {d} | " + " | ".join(cols) + f" | {ratio:.2f}× |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

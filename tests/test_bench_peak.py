@@ -295,6 +295,39 @@ def test_compare_builds_runs_two_builds_side_by_side(tmp_path):
         assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio
 
 
+def test_compare_builds_times_the_training_step(tmp_path):
+    """compare_builds.py --op step: per shape a search row and the channel-last and
+    channel-first step rows, each with both builds' times, their step / search ratios and
+    the A / B ratio consistent with those times; N must fill whole 16 x 16 images."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "benchmarks" / "compare_builds.py")
+    out = tmp_path / "step.md"
+    res = subprocess.run([sys.executable, script, str(root), str(root), "--op", "step",
+                          "--shapes", "512x70x8", "--rounds", "1", "--repeat", "1",
+                          "--threads", "1", "--markdown", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("| 512 "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[1]] = [float(c.rstrip("×")) for c in cells[2:]]
+    assert sorted(rows) == ["search", "step, channel-first", "step, channel-last"], rows
+    search = rows["search"]
+    assert search[1] == search[3] == 1.0
+    for name, (a_ms, a_rel, b_ms, b_rel, ratio) in rows.items():
+        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
+        assert abs(a_rel - a_ms / search[0]) < 0.01 + 0.02 * a_rel, name
+        assert abs(b_rel - b_ms / search[2]) < 0.01 + 0.02 * b_rel, name
+    bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", "step",
+                          "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_search_breakdown_splits_a_call_into_its_parts(tmp_path):
     """benchmarks/search_breakdown.py on tiny shapes: one row per shape whose parts are
     consistent with one another (the full call from its % of peak, the per-token time
