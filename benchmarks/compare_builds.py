@@ -26,21 +26,25 @@ import statistics
 import subprocess
 import sys
 
-CHILD = r"""
+# what both children start with: the arguments (shapes, repeat, threads) and best-of timing
+PRELUDE = r"""
 import json, sys, time, torch
 import simvq_kernels as sk
-from simvq_kernels import _ext
-_ext.load()
 shapes, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]))
-isa = json.loads(torch.ops.simvq.cpu_kernel_config())["isa"]
-lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
 def best(f, n):
     f()
     ts = []
     for _ in range(n):
         t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
     return min(ts)
+"""
+
+CHILD = PRELUDE + r"""
+from simvq_kernels import _ext
+_ext.load()
+isa = json.loads(torch.ops.simvq.cpu_kernel_config())["isa"]
+lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
 it = 2_000_000
 peak = 2 * 12 * lanes * it * torch.get_num_threads() / best(
     lambda: torch.ops.simvq.fma_peak(isa, it), 5) / 1e9
@@ -53,17 +57,7 @@ for n, k, d in shapes:
 print(json.dumps(out))
 """
 
-STEP_CHILD = r"""
-import json, sys, time, torch
-import simvq_kernels as sk
-shapes, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
-torch.set_num_threads(int(sys.argv[3]))
-def best(f, n):
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    return min(ts)
+STEP_CHILD = PRELUDE + r"""
 def cf(t):  # (N, d) -> (N / 256, d, 16, 16), contiguous
     return t.reshape(-1, 16, 16, t.shape[1]).permute(0, 3, 1, 2).contiguous()
 out = {"ms": []}
