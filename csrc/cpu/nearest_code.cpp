@@ -833,8 +833,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
 // partials.
 constexpr int64_t kBwdChunk = 1024;
 constexpr int64_t kBwdGroup = 8;
-// Channel-first tokens pass through row buffers in blocks of this many tokens (one
-// transposing block of move_channel_first): 8 KiB per buffer at d = 64 in float32.
+// Channel-first tokens are moved in blocks of this many tokens (move_channel_first), and
+// the fused step passes them through row buffers of one block: 8 KiB per buffer at
+// d = 64 in float32.
 constexpr int64_t kCfBlock = 32;
 
 template <typename T>
@@ -1014,7 +1015,7 @@ __attribute__((target("avx2"))) inline void transpose8x8_f32(const float* src, i
 #endif
 
 // Rows [n0, n1) of a channel-first tensor `cf` to (ToRows) or from a contiguous
-// (n1 - n0) x d buffer, in blocks of 32 tokens: every access is a run of consecutive
+// (n1 - n0) x d buffer, in blocks of kCfBlock tokens: every access is a run of consecutive
 // elements, and each channel's next run is prefetched (d streams a power-of-two stride T
 // apart are more than the hardware prefetchers follow and keep hitting the same cache
 // sets). float32 at a vector ISA (`isa`, the call's configured one: AVX2 or wider)
@@ -1024,7 +1025,7 @@ template <bool ToRows, typename T>
 void move_channel_first(Isa isa, std::conditional_t<ToRows, const T*, T*> cf,
                         const TokenLayout& lay, int64_t n0, int64_t n1,
                         std::conditional_t<ToRows, T*, const T*> rows) {
-  constexpr int64_t kBlk = 32;
+  constexpr int64_t kBlk = kCfBlock;
   const int64_t d = lay.d, Tn = lay.T;
   bool vec = false;
 #ifdef SIMVQ_X86
@@ -1136,7 +1137,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
                         weight, bias);
   const at::Tensor codebook = project_codebook_cpu(basis, weight, bias, z.scalar_type());
   const cpu::KernelConfig cfg = cpu::config();  // one snapshot per call
-  const Isa isa = cfg.isa;
   auto [idx, dist] = nearest_code_tokens(cfg, z, codebook);
   at::Tensor out = at::empty_like(z);
   const int64_t chunks = (N + kBwdChunk - 1) / kBwdChunk;
@@ -1182,9 +1182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
           scalar_t* ob = thread_buffer<scalar_t, 4>(kCfBlock * d);
           for (int64_t b0 = n0; b0 < n1; b0 += kCfBlock) {
             const int64_t b1 = std::min(n1, b0 + kCfBlock);
-            gather_channel_first(isa, zp, lay, b0, b1, zb);
+            gather_channel_first(cfg.isa, zp, lay, b0, b1, zb);
             rows(b0, b1, zb, ob);
-            scatter_channel_first(isa, ob, lay, b0, b1, o);
+            scatter_channel_first(cfg.isa, ob, lay, b0, b1, o);
           }
         }
         part[c] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
