@@ -350,3 +350,58 @@ def test_environment_variables():
         assert (cfg["l2_share_bytes"], cfg["l2_from"]) == (512 * 1024, "SIMVQ_CPU_L2")
     else:
         assert "SIMVQ_CPU_ISA=avx2 but this CPU does not support" in out["ok"]
+
+
+# (N, d, r, K): the backward's gathered product packs the basis rows per block of 128
+# tokens into panels of 16 / 24 columns (AVX2), 64 (AVX-512) or 4 (scalar) and the
+# gradient into row panels of 4 or 6: N across block and 1024-token chunk edges, d and r
+# off every panel width, one-token and one-column cases
+BACKWARD_SHAPES = [(1, 1, 1, 3), (127, 6, 16, 50), (129, 7, 17, 40), (300, 13, 25, 1000),
+                   (1030, 64, 64, 300), (2100, 33, 70, 90), (257, 65, 100, 7), (5, 130, 3, 2)]
+
+
+def _ints(g, *shape, dtype):
+    return torch.randint(-4, 5, shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_gather_product_exact_on_integer_data(isa, dtype, restore):
+    """grad_weight = g^T basis[idx] and grad_bias = sum g of both backward ops (the layer's
+    and the fused step's, channel-last and channel-first) on small integers, where every
+    partial sum is exact: equal to the int64 product, so a wrong row, column, token or
+    padding value in the packed panels cannot hide behind a tolerance."""
+    if not _force_or_check_error(isa):
+        return
+    for n, d, r, k in BACKWARD_SHAPES:
+        g = torch.Generator().manual_seed(n * 131 + d * 7 + r)
+        basis = _ints(g, k, r, dtype=dtype)
+        grad = _ints(g, n, d, dtype=dtype)
+        idx = torch.randint(0, k, (n,), generator=g)
+        want_dw = grad.long().t() @ basis.long()[idx]
+        want_db = grad.long().sum(0)
+        weight = torch.zeros(d, r, dtype=dtype)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            dw, db = torch.ops.simvq.quantize_backward(grad, basis, idx, weight)
+            assert torch.equal(dw.long(), want_dw) and torch.equal(db.long(), want_db), \
+                f"quantize_backward {isa} {dtype} N={n} d={d} r={r} at {threads} threads"
+        # the fused step: diff = Q[idx] - z, dz = d_out - 0.5 diff, dW = diff^T basis[idx]
+        codebook = _ints(g, k, d, dtype=dtype)
+        z = _ints(g, n, d, dtype=dtype)
+        d_out = _ints(g, n, d, dtype=dtype)
+        diff = codebook.long()[idx] - z.long()
+        want_dw = diff.t() @ basis.long()[idx]
+        want_db, want_dz = diff.sum(0), d_out.double() - 0.5 * diff.double()
+        for channel_first in (False, True):
+            zz, oo = z, d_out
+            if channel_first:  # (B, d, T) with T = n: one item, the tokens along T
+                zz, oo = (t.t().contiguous().unsqueeze(0) for t in (z, d_out))
+            dz, dw, db = torch.ops.simvq.quantize_train_backward(oo, zz, basis, codebook, idx,
+                                                                 0.5, 1.0)
+            if channel_first:
+                dz = dz.squeeze(0).t()
+            what = f"quantize_train_backward {isa} {dtype} N={n} d={d} r={r} cf={channel_first}"
+            assert torch.equal(dw.long(), want_dw), what + ": grad_weight"
+            assert torch.equal(db.long(), want_db), what + ": grad_bias"
+            assert torch.equal(dz.double(), want_dz), what + ": grad_z"

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 
@@ -29,7 +30,7 @@ template <typename E>
 struct Scalar {
   using T = E;
   using reg = E;
-  static constexpr int W = 1, MR = 4, NV = 4;
+  static constexpr int W = 1, MR = 4, NV = 4, MR2 = MR, NV2 = NV;
   static reg zero() { return E(0); }
   static reg bcast(E x) { return x; }
   static reg load(const E* p) { return *p; }
@@ -58,7 +59,8 @@ inline __m256i lanes_below_pd(int n) {
 struct VF {
   using T = float;
   using reg = __m256;
-  static constexpr int W = 8, MR = 4, NV = 3;  // 12 accumulators of 16 ymm registers
+  // 12 accumulators of 16 ymm registers, as 4 x 3 vectors or (MR2 x NV2) 6 x 2
+  static constexpr int W = 8, MR = 4, NV = 3, MR2 = 6, NV2 = 2;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg bcast(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
@@ -71,7 +73,7 @@ struct VF {
 struct VD {
   using T = double;
   using reg = __m256d;
-  static constexpr int W = 4, MR = 4, NV = 3;
+  static constexpr int W = 4, MR = 4, NV = 3, MR2 = 6, NV2 = 2;
   static reg zero() { return _mm256_setzero_pd(); }
   static reg bcast(double x) { return _mm256_set1_pd(x); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
@@ -94,7 +96,8 @@ inline __mmask8 mask8(int n) { return __mmask8((1u << n) - 1u); }
 struct VF {
   using T = float;
   using reg = __m512;
-  static constexpr int W = 16, MR = 6, NV = 4;  // 24 accumulators of 32 zmm registers
+  // 24 accumulators of 32 zmm registers
+  static constexpr int W = 16, MR = 6, NV = 4, MR2 = MR, NV2 = NV;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg bcast(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
@@ -107,7 +110,7 @@ struct VF {
 struct VD {
   using T = double;
   using reg = __m512d;
-  static constexpr int W = 8, MR = 6, NV = 4;
+  static constexpr int W = 8, MR = 6, NV = 4, MR2 = MR, NV2 = NV;
   static reg zero() { return _mm512_setzero_pd(); }
   static reg bcast(double x) { return _mm512_set1_pd(x); }
   static reg load(const double* p) { return _mm512_loadu_pd(p); }
@@ -127,31 +130,36 @@ struct VD {
 template <typename T>
 void fma_rows(Isa isa, int64_t M, int64_t J, int64_t T_len, const T* a, int64_t a_m,
               int64_t a_t, const T* rows, int64_t ld_rows, const int64_t* gather,
-              const T* init, T* out, int64_t ldo) {
-  if (M <= 0 || J <= 0) return;
+              const T* init, T* out, int64_t ldo, double* a_sums) {
+  if (M <= 0) return;
+  if (J <= 0) {  // no outputs, but the sums of a are still asked for
+    if (a_sums) scalar_isa::row_sums_impl<T>(M, T_len, a, a_m, a_t, a_sums, false);
+    return;
+  }
   constexpr bool f32 = std::is_same_v<T, float>;
 #ifdef SIMVQ_FMA_X86
   if (isa == Isa::kAvx512) {
     using V = std::conditional_t<f32, avx512_isa::VF, avx512_isa::VD>;
-    avx512_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+    avx512_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo, a_sums);
     return;
   }
   if (isa == Isa::kAvx2) {
     using V = std::conditional_t<f32, avx2_isa::VF, avx2_isa::VD>;
-    avx2_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+    avx2_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo, a_sums);
     return;
   }
 #endif
   using V = std::conditional_t<f32, scalar_isa::VF, scalar_isa::VD>;
-  scalar_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo);
+  scalar_isa::fma_rows_impl<V>(M, J, T_len, a, a_m, a_t, rows, ld_rows, gather, init, out, ldo,
+                               a_sums);
 }
 
 template void fma_rows<float>(Isa, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                               const float*, int64_t, const int64_t*, const float*, float*,
-                              int64_t);
+                              int64_t, double*);
 template void fma_rows<double>(Isa, int64_t, int64_t, int64_t, const double*, int64_t,
                                int64_t, const double*, int64_t, const int64_t*,
-                               const double*, double*, int64_t);
+                               const double*, double*, int64_t, double*);
 
 double fma_peak_work(Isa isa, int64_t iterations) {
   TORCH_CHECK(cpu_supports(isa), "fma_peak: this CPU does not run ", isa_name(isa));

@@ -13,6 +13,13 @@
 // BLAS picks its kernel by CPU vendor, ISA, thread count and even buffer alignment, so
 // its bits cannot carry a determinism promise.
 //
+// With a_sums, also a_sums[m] = sum_{t} double(a[m * a_m + t * a_t]) (the backward's
+// grad_bias partials): one chain of double additions per m in increasing t from +0, the
+// same bits on every ISA (the ISA only decides how many m are added side by side).
+//
+// With gather, the rows are gathered once per block of tokens into packed panels that
+// the register block streams from L1 (see fma_rows_body.inc); the chains are the same.
+//
 // Single-threaded; callers split M (or independent calls) over threads.
 #pragma once
 #include <cstdint>
@@ -25,7 +32,7 @@ namespace cpu {
 template <typename T>
 void fma_rows(Isa isa, int64_t M, int64_t J, int64_t T_len, const T* a, int64_t a_m,
               int64_t a_t, const T* rows, int64_t ld_rows, const int64_t* gather,
-              const T* init, T* out, int64_t ldo);
+              const T* init, T* out, int64_t ldo, double* a_sums = nullptr);
 
 // The floating-point rate of fused multiply-adds on this thread at `isa`: runs
 // `iterations` rounds of 12 independent vector FMA chains (enough to cover the FMA

@@ -30,8 +30,8 @@
 // quantize projects the codebook (basis @ weight^T + bias) with fma_rows too.
 //
 // Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over fixed chunks
-// of tokens (fma_rows reading the basis rows through the indices), grad_bias =
-// sum_n grad_zq; no K x d buffer, no atomics, no BLAS, and the same bits for any CPU,
+// of tokens (fma_rows gathering the basis rows through the indices into small packed
+// panels, 128 tokens at a time), grad_bias = sum_n grad_zq in the same pass; no K x d buffer, no atomics, no BLAS, and the same bits for any CPU,
 // ISA and thread count (chunk partials of fixed shapes, added in chunk order).
 //
 // No path of this file calls a BLAS: a BLAS picks its kernel by CPU vendor, ISA, thread
@@ -826,9 +826,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_impl(const at::Tensor& z_in,
 // grad_weight = g^T @ basis[idx] (d x r) and grad_bias = sum_n g (d), with the same bits
 // on every CPU, ISA, thread count and run: the tokens are cut into fixed chunks of
 // kBwdChunk (a function of N only); in a chunk, every element of the partial dW is one
-// FMA chain over the chunk's tokens in order (fma_rows, reading the basis rows through
-// the indices: no gathered copy, no BLAS), and the chunk partials are added in double in
-// chunk order. grad_bias is summed in double, token by token, per chunk likewise.
+// FMA chain over the chunk's tokens in order (fma_rows, gathering the basis rows through
+// the indices into packed panels of 128 tokens: no N x r copy, no BLAS), and the chunk
+// partials are added in double in chunk order. grad_bias is summed in double, token by
+// token, per chunk likewise (fma_rows' a_sums, while the gradient rows are in cache).
 // Groups of kBwdGroup chunks run in parallel, bounding the scratch memory to kBwdGroup
 // partials.
 constexpr int64_t kBwdChunk = 1024;
@@ -844,10 +845,7 @@ void chunk_grad(Isa isa, const T* g, const T* B, const int64_t* idx, int64_t n0,
   const int64_t m = n1 - n0;
   const T* gc = g + n0 * d;
   // dw[j][i] = sum_n gc[n][j] * B[idx[n0 + n]][i]
-  cpu::fma_rows<T>(isa, d, r, m, gc, 1, d, B, r, idx + n0, nullptr, dw, r);
-  for (int64_t j = 0; j < d; ++j) db[j] = 0;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < d; ++j) db[j] += double(gc[i * d + j]);
+  cpu::fma_rows<T>(isa, d, r, m, gc, 1, d, B, r, idx + n0, nullptr, dw, r, db);
 }
 
 // The chunked reduction of both backward kernels: tokens cut into fixed chunks of
@@ -1204,7 +1202,6 @@ void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& l
   reduce_token_chunks<T>(N, d, r, cq, dw_out, db_out,
                          [&](int64_t, int64_t n0, int64_t n1, T* dw, double* pdb) {
     T* diff = thread_buffer<T, 3>(kBwdChunk * d);
-    for (int64_t j = 0; j < d; ++j) pdb[j] = 0;
     // rows [b0, b1) of the chunk: z, d_out and dz rows at zc, gc, dzc (row b0 first)
     auto rows = [&](int64_t b0, int64_t b1, const T* zc, const T* gc, T* dzc) {
       for (int64_t n = b0; n < b1; ++n) {
@@ -1217,7 +1214,6 @@ void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& l
           const T v = qr[j] - zr[j];
           dr_[j] = v;
           dzr[j] = gr[j] - cz * v;
-          pdb[j] += double(v);
         }
       }
     };
@@ -1238,8 +1234,9 @@ void train_backward_kernel(Isa isa, const T* g, const T* z, const TokenLayout& l
         scatter_channel_first(isa, dzb, lay, b0, b1, dz);
       }
     }
-    // dw[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element
-    cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr, dw, r);
+    // dw[j][i] = sum_n diff[n][j] * B[idx[n]][i], one FMA chain per element; the bias's
+    // partial sum over the same rows in order, in double
+    cpu::fma_rows<T>(isa, d, r, n1 - n0, diff, 1, d, B, r, idx + n0, nullptr, dw, r, pdb);
   });
 }
 
