@@ -16,6 +16,10 @@ step / search ratios, and the A / B ratio of each.
     python benchmarks/compare_builds.py /tmp/simvq-old . --rounds 5 --markdown out.md
     SIMVQ_CPU_ISA=avx2 python benchmarks/compare_builds.py /tmp/simvq-old . ...
 
+``--op backward`` times the CPU backward ops alone (``quantize_backward`` and the fused
+step's ``quantize_train_backward``, channel-last and channel-first, r = d), with the
+grad_weight product's % of the FMA peak.
+
 A build is a directory holding the ``simvq_kernels`` package with its extension built
 in place. Both children get the same environment (SIMVQ_CPU_ISA and friends apply).
 """
@@ -85,6 +89,37 @@ for n, k, d in shapes:
 print(json.dumps(out))
 """
 
+BACKWARD_CHILD = PRELUDE + r"""
+from simvq_kernels import _ext
+_ext.load()
+op = torch.ops.simvq
+isa = json.loads(op.cpu_kernel_config())["isa"]
+lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
+it = 2_000_000
+peak = 2 * 12 * lanes * it * torch.get_num_threads() / best(
+    lambda: op.fma_peak(isa, it), 5) / 1e9
+def cf(t):  # (N, d) -> (N / 256, d, 256), contiguous
+    return t.reshape(-1, 16, 16, t.shape[1]).permute(0, 3, 1, 2).contiguous().reshape(
+        -1, t.shape[1], 256)
+out = {"isa": isa, "peak": peak, "ms": []}
+for n, k, d in shapes:
+    g0 = torch.Generator().manual_seed(0)
+    r = d
+    z, up = torch.randn(n, d, generator=g0), torch.randn(n, d, generator=g0)
+    basis = torch.randn(k, r, generator=g0) * r ** -0.5
+    weight, bias = torch.randn(d, r, generator=g0), torch.randn(d, generator=g0)
+    q = (basis @ weight.t() + bias).contiguous()
+    idx = torch.randint(0, k, (n,), generator=g0)
+    zc, uc = cf(z), cf(up)
+    out["ms"].append({
+        "dw": 1e3 * best(lambda: op.quantize_backward(up, basis, idx, weight), repeat),
+        "train": 1e3 * best(lambda: op.quantize_train_backward(up, z, basis, q, idx, 0.5,
+                                                               0.25), repeat),
+        "train_cf": 1e3 * best(lambda: op.quantize_train_backward(uc, zc, basis, q, idx, 0.5,
+                                                                  0.25), repeat)})
+print(json.dumps(out))
+"""
+
 DEFAULT_SHAPES = "16384x1024x64,16384x8192x64,8192x65536x32,4096x16384x256"
 
 
@@ -107,20 +142,22 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="calls per timing (best of)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--markdown", help="write the table here too")
-    p.add_argument("--op", choices=("search", "step"), default="search",
-                   help="the bare search (default) or the layer's training step")
+    p.add_argument("--op", choices=("search", "step", "backward"), default="search",
+                   help="the bare search (default), the layer's training step, or the "
+                        "CPU backward ops alone")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    if args.op == "step" and any(n % 256 for n, _, _ in shapes):
-        p.error("--op step lays the tokens out as 16 x 16 images: N must be a multiple "
-                "of 256")
+    if args.op in ("step", "backward") and any(n % 256 for n, _, _ in shapes):
+        p.error(f"--op {args.op} lays the tokens out as 16 x 16 images: N must be a "
+                "multiple of 256")
+    child = {"search": CHILD, "step": STEP_CHILD, "backward": BACKWARD_CHILD}[args.op]
     runs = {"a": [], "b": []}
     for r in range(args.rounds):
         for key, build in (("a", args.a), ("b", args.b)):
-            runs[key].append(run(build, shapes, args.repeat, args.threads,
-                                 STEP_CHILD if args.op == "step" else CHILD))
+            runs[key].append(run(build, shapes, args.repeat, args.threads, child))
             print(f"round {r + 1} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
-    text = (step_table if args.op == "step" else search_table)(args, shapes, runs)
+    text = {"search": search_table, "step": step_table,
+            "backward": backward_table}[args.op](args, shapes, runs)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -144,6 +181,34 @@ def step_table(args, shapes, runs):
             ratio = med(a["ms"][i][op] / b["ms"][i][op] for a, b in zip(runs["a"], runs["b"]))
             name = {"search": "search", "step": "step, channel-last",
                     "step_cf": "step, channel-first"}[op]
+            lines.append(f"| {n} × {k} × {d} | {name} | " + " | ".join(cols)
+                         + f" | {ratio:.2f}× |")
+    return "\n".join(lines)
+
+
+def backward_table(args, shapes, runs):
+    med = statistics.median
+    isa = runs["b"][0]["isa"]
+    lines = [f"A = `{args.a}`, B = `{args.b}`; the CPU backward ops alone (float32, r = d): "
+             f"`quantize_backward` (grad_weight and grad_bias of the layer's path) and the "
+             f"fused step's `quantize_train_backward` (dz too), channel-last and "
+             f"channel-first; ISA {isa}, {args.threads} threads, {args.rounds} rounds (A then "
+             f"B each round), best of {args.repeat} calls per timing. % peak: the "
+             f"2 N d r flops of grad_weight over the time, against the FMA peak measured in "
+             f"the same child.", "",
+             "| N × K × d | op | A ms | A % peak | B ms | B % peak | A / B (median of rounds) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    names = {"dw": "quantize_backward", "train": "quantize_train_backward, channel-last",
+             "train_cf": "quantize_train_backward, channel-first"}
+    for i, (n, k, d) in enumerate(shapes):
+        flops = 2 * n * d * d
+        for op, name in names.items():
+            cols = []
+            for key in ("a", "b"):
+                pct = med(100 * flops / (x["ms"][i][op] * 1e-3) / 1e9 / x["peak"]
+                          for x in runs[key])
+                cols += [f"{med(x['ms'][i][op] for x in runs[key]):.4g}", f"{pct:.1f}%"]
+            ratio = med(a["ms"][i][op] / b["ms"][i][op] for a, b in zip(runs["a"], runs["b"]))
             lines.append(f"| {n} × {k} × {d} | {name} | " + " | ".join(cols)
                          + f" | {ratio:.2f}× |")
     return "\n".join(lines)

@@ -328,6 +328,37 @@ def test_compare_builds_times_the_training_step(tmp_path):
     assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_compare_builds_times_the_backward_ops(tmp_path):
+    """compare_builds.py --op backward: per shape the layer's backward op and the fused
+    step's, channel-last and channel-first, each with both builds' times, a % of peak
+    in (0, 150] and the A / B ratio consistent with the times."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "benchmarks" / "compare_builds.py")
+    out = tmp_path / "bwd.md"
+    res = subprocess.run([sys.executable, script, str(root), str(root), "--op", "backward",
+                          "--shapes", "512x70x8", "--rounds", "1", "--repeat", "1",
+                          "--threads", "1", "--markdown", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("| 512 "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[1]] = [float(c.rstrip("×%")) for c in cells[2:]]
+    assert sorted(rows) == ["quantize_backward", "quantize_train_backward, channel-first",
+                            "quantize_train_backward, channel-last"], rows
+    for name, (a_ms, a_pct, b_ms, b_pct, ratio) in rows.items():
+        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
+        assert 0 < a_pct <= 150 and 0 < b_pct <= 150, name
+    bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", "backward",
+                          "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_search_breakdown_splits_a_call_into_its_parts(tmp_path):
     """benchmarks/search_breakdown.py on tiny shapes: one row per shape whose parts are
     consistent with one another (the full call from its % of peak, the per-token time
