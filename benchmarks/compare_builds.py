@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Two builds of the CPU search side by side: each round runs one child process per
-build, alternately, on the same inputs; each child times ``nearest_code`` (backend
+"""Two builds of the CPU kernels side by side (the search by default; --op step or
+backward for the training step or the backward ops): each round runs one child process
+per build, alternately, on the same inputs; each child times ``nearest_code`` (backend
 ``cpu``, best of ``--repeat``) and the FMA peak of the ISA in use, so a drift of the
 machine's speed between rounds hits both builds alike. Reports per shape the median over
 rounds of each build's time and % of peak, and the median of the per-round ratios.
@@ -168,7 +169,7 @@ def step_table(args, shapes, runs):
     med = statistics.median
     lines = [f"A = `{args.a}`, B = `{args.b}`; training step (float32 SimVQ layer, backend "
              f"cpu, forward + backward of loss + sum(out * g)) and the bare search, "
-             f"{args.threads} threads, {args.rounds} rounds (A then B each round), best of "
+             f"{args.threads} thread(s), {args.rounds} rounds (A then B each round), best of "
              f"{args.repeat} calls per timing; step / search per round, then the median.", "",
              "| N × K × d | op | A ms | A / search | B ms | B / search | A / B (median of rounds) |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -192,7 +193,7 @@ def backward_table(args, shapes, runs):
     lines = [f"A = `{args.a}`, B = `{args.b}`; the CPU backward ops alone (float32, r = d): "
              f"`quantize_backward` (grad_weight and grad_bias of the layer's path) and the "
              f"fused step's `quantize_train_backward` (dz too), channel-last and "
-             f"channel-first; ISA {isa}, {args.threads} threads, {args.rounds} rounds (A then "
+             f"channel-first; ISA {isa}, {args.threads} thread(s), {args.rounds} rounds (A then "
              f"B each round), best of {args.repeat} calls per timing. % peak: the "
              f"2 N d r flops of grad_weight over the time, against the FMA peak measured in "
              f"the same child.", "",

@@ -331,7 +331,7 @@ def test_compare_builds_times_the_training_step(tmp_path):
 def test_compare_builds_times_the_backward_ops(tmp_path):
     """compare_builds.py --op backward: per shape the layer's backward op and the fused
     step's, channel-last and channel-first, each with both builds' times, a % of peak
-    in (0, 150] and the A / B ratio consistent with the times."""
+    in [0, 150] and the A / B ratio consistent with the times."""
     import subprocess
     import sys
     from pathlib import Path
@@ -353,7 +353,7 @@ def test_compare_builds_times_the_backward_ops(tmp_path):
                             "quantize_train_backward, channel-last"], rows
     for name, (a_ms, a_pct, b_ms, b_pct, ratio) in rows.items():
         assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
-        assert 0 < a_pct <= 150 and 0 < b_pct <= 150, name
+        assert 0 <= a_pct <= 150 and 0 <= b_pct <= 150, name
     bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", "backward",
                           "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]

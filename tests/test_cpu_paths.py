@@ -20,7 +20,9 @@ An ISA the CPU lacks is checked to fail with a clear error instead.
 Also: the float32 vector path gives the same bits under AVX2 and AVX-512 (same FMAs in
 the same order) and for any tile and L2 setting; exact ties on integer-valued data go to
 the lowest index on every path; the environment variables are read, and bad values get an
-error naming the variable (one subprocess).
+error naming the variable (one subprocess). The backward's packed gathered product (every
+ISA): exact on integer data at every panel and block edge, and the same bits as the
+projection's unpacked FMA chains on random data.
 """
 from __future__ import annotations
 
@@ -384,7 +386,7 @@ def test_backward_gather_product_exact_on_integer_data(isa, dtype, restore):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             dw, db = torch.ops.simvq.quantize_backward(grad, basis, idx, weight)
-            assert torch.equal(dw.long(), want_dw) and torch.equal(db.long(), want_db), \
+            assert torch.equal(dw, want_dw.to(dtype)) and torch.equal(db, want_db.to(dtype)), \
                 f"quantize_backward {isa} {dtype} N={n} d={d} r={r} at {threads} threads"
         # the fused step: diff = Q[idx] - z, dz = d_out - 0.5 diff, dW = diff^T basis[idx]
         codebook = _ints(g, k, d, dtype=dtype)
@@ -402,6 +404,31 @@ def test_backward_gather_product_exact_on_integer_data(isa, dtype, restore):
             if channel_first:
                 dz = dz.squeeze(0).t()
             what = f"quantize_train_backward {isa} {dtype} N={n} d={d} r={r} cf={channel_first}"
-            assert torch.equal(dw.long(), want_dw), what + ": grad_weight"
-            assert torch.equal(db.long(), want_db), what + ": grad_bias"
+            assert torch.equal(dw, want_dw.to(dtype)), what + ": grad_weight"
+            assert torch.equal(db, want_db.to(dtype)), what + ": grad_bias"
             assert torch.equal(dz.double(), want_dz), what + ": grad_z"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_gather_product_keeps_the_projections_chains(isa, dtype, restore):
+    """On random data, grad_weight of one token chunk (N <= 1024, so one partial, scaled
+    by 1) is g^T basis[idx] with one FMA chain per element over the tokens in order: the
+    very operations of the codebook projection (basis @ weight^T, one chain over r from
+    +0, unpacked) with basis = g^T and weight = basis[idx]^T. Equal bits, so the packed
+    panels cannot reorder a chain."""
+    if not _force_or_check_error(isa):
+        return
+    for n, d, r in [(700, 13, 25), (1024, 64, 64), (129, 6, 16), (5, 7, 3)]:
+        g = torch.Generator().manual_seed(n + d + r)
+        basis = torch.randn(300, r, generator=g, dtype=dtype)
+        grad = torch.randn(n, d, generator=g, dtype=dtype)
+        idx = torch.randint(0, 300, (n,), generator=g)
+        dw, _ = torch.ops.simvq.quantize_backward(grad, basis, idx,
+                                                  torch.zeros(d, r, dtype=dtype))
+        rows = basis[idx].t().contiguous()  # (r, n): the "weight" of the projection
+        proj = torch.ops.simvq.quantize_train(torch.zeros(1, r, dtype=dtype),
+                                              grad.t().contiguous(), rows, None)[4]
+        assert proj.shape == dw.shape
+        assert torch.equal(dw, proj), f"{isa} {dtype} N={n} d={d} r={r}: " \
+            f"max diff {(dw - proj).abs().max().item():.3g}"

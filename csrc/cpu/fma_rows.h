@@ -20,6 +20,9 @@
 // With gather, the rows are gathered once per block of tokens into packed panels that
 // the register block streams from L1 (see fma_rows_body.inc); the chains are the same.
 //
+// out must not overlap a, rows, init, gather or a_sums (the packed path stores partial
+// values in out between blocks of tokens and reads them back).
+//
 // Single-threaded; callers split M (or independent calls) over threads.
 #pragma once
 #include <cstdint>

@@ -31,8 +31,9 @@
 //
 // Backward: grad_weight = grad_zq^T @ basis[indices] is a gather-GEMM over fixed chunks
 // of tokens (fma_rows gathering the basis rows through the indices into small packed
-// panels, 128 tokens at a time), grad_bias = sum_n grad_zq in the same pass; no K x d buffer, no atomics, no BLAS, and the same bits for any CPU,
-// ISA and thread count (chunk partials of fixed shapes, added in chunk order).
+// panels, 128 tokens at a time), grad_bias = sum_n grad_zq over the same token blocks;
+// no K x d buffer, no atomics, no BLAS, and the same bits for any CPU, ISA and thread
+// count (chunk partials of fixed shapes, added in chunk order).
 //
 // No path of this file calls a BLAS: a BLAS picks its kernel by CPU vendor, ISA, thread
 // count and buffer alignment, so it could not carry the determinism promise.
