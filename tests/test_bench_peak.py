@@ -295,51 +295,18 @@ def test_compare_builds_runs_two_builds_side_by_side(tmp_path):
         assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio
 
 
-def test_compare_builds_times_the_training_step(tmp_path):
-    """compare_builds.py --op step: per shape a search row and the channel-last and
-    channel-first step rows, each with both builds' times, their step / search ratios and
-    the A / B ratio consistent with those times; N must fill whole 16 x 16 images."""
+def _compare_builds_rows(tmp_path, op):
+    """compare_builds.py --op `op` with this checkout as both builds on 512 x 70 x 8 (one
+    round, one call, one thread): the table's rows by name, the cells as numbers; and the
+    same op on 300 tokens, which must be refused (not whole 16 x 16 images)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     script = str(root / "benchmarks" / "compare_builds.py")
-    out = tmp_path / "step.md"
-    res = subprocess.run([sys.executable, script, str(root), str(root), "--op", "step",
-                          "--shapes", "512x70x8", "--rounds", "1", "--repeat", "1",
-                          "--threads", "1", "--markdown", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {}
-    for line in out.read_text().splitlines():
-        if line.startswith("| 512 "):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[1]] = [float(c.rstrip("×")) for c in cells[2:]]
-    assert sorted(rows) == ["search", "step, channel-first", "step, channel-last"], rows
-    search = rows["search"]
-    assert search[1] == search[3] == 1.0
-    for name, (a_ms, a_rel, b_ms, b_rel, ratio) in rows.items():
-        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
-        assert abs(a_rel - a_ms / search[0]) < 0.01 + 0.02 * a_rel, name
-        assert abs(b_rel - b_ms / search[2]) < 0.01 + 0.02 * b_rel, name
-    bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", "step",
-                          "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
-
-
-def test_compare_builds_times_the_backward_ops(tmp_path):
-    """compare_builds.py --op backward: per shape the layer's backward op and the fused
-    step's, channel-last and channel-first, each with both builds' times, a % of peak
-    in [0, 150] and the A / B ratio consistent with the times."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    script = str(root / "benchmarks" / "compare_builds.py")
-    out = tmp_path / "bwd.md"
-    res = subprocess.run([sys.executable, script, str(root), str(root), "--op", "backward",
+    out = tmp_path / f"{op}.md"
+    res = subprocess.run([sys.executable, script, str(root), str(root), "--op", op,
                           "--shapes", "512x70x8", "--rounds", "1", "--repeat", "1",
                           "--threads", "1", "--markdown", str(out)],
                          capture_output=True, text=True, timeout=600)
@@ -349,14 +316,36 @@ def test_compare_builds_times_the_backward_ops(tmp_path):
         if line.startswith("| 512 "):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[1]] = [float(c.rstrip("×%")) for c in cells[2:]]
+    bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", op,
+                          "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
+    return rows
+
+
+def test_compare_builds_times_the_training_step(tmp_path):
+    """compare_builds.py --op step: per shape a search row and the channel-last and
+    channel-first step rows, each with both builds' times, their step / search ratios and
+    the A / B ratio consistent with those times; N must fill whole 16 x 16 images."""
+    rows = _compare_builds_rows(tmp_path, "step")
+    assert sorted(rows) == ["search", "step, channel-first", "step, channel-last"], rows
+    search = rows["search"]
+    assert search[1] == search[3] == 1.0
+    for name, (a_ms, a_rel, b_ms, b_rel, ratio) in rows.items():
+        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
+        assert abs(a_rel - a_ms / search[0]) < 0.01 + 0.02 * a_rel, name
+        assert abs(b_rel - b_ms / search[2]) < 0.01 + 0.02 * b_rel, name
+
+
+def test_compare_builds_times_the_backward_ops(tmp_path):
+    """compare_builds.py --op backward: per shape the layer's backward op and the fused
+    step's, channel-last and channel-first, each with both builds' times, a % of peak
+    in [0, 150] and the A / B ratio consistent with the times."""
+    rows = _compare_builds_rows(tmp_path, "backward")
     assert sorted(rows) == ["quantize_backward", "quantize_train_backward, channel-first",
                             "quantize_train_backward, channel-last"], rows
     for name, (a_ms, a_pct, b_ms, b_pct, ratio) in rows.items():
         assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
         assert 0 <= a_pct <= 150 and 0 <= b_pct <= 150, name
-    bad = subprocess.run([sys.executable, script, str(root), str(root), "--op", "backward",
-                          "--shapes", "300x70x8"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "multiple of 256" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_search_breakdown_splits_a_call_into_its_parts(tmp_path):
