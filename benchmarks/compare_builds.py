@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 
-# what both children start with: the arguments (shapes, repeat, threads) and best-of timing
+# what every child starts with: the arguments (shapes, repeat, threads) and best-of timing
 PRELUDE = r"""
 import json, sys, time, torch
 import simvq_kernels as sk
@@ -45,7 +45,8 @@ def best(f, n):
     return min(ts)
 """
 
-CHILD = PRELUDE + r"""
+# what the search and backward children measure first: the FMA peak of the ISA in use
+PEAK = r"""
 from simvq_kernels import _ext
 _ext.load()
 isa = json.loads(torch.ops.simvq.cpu_kernel_config())["isa"]
@@ -53,6 +54,9 @@ lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
 it = 2_000_000
 peak = 2 * 12 * lanes * it * torch.get_num_threads() / best(
     lambda: torch.ops.simvq.fma_peak(isa, it), 5) / 1e9
+"""
+
+CHILD = PRELUDE + PEAK + r"""
 out = {"isa": isa, "peak": peak, "ms": []}
 for n, k, d in shapes:
     g = torch.Generator().manual_seed(0)
@@ -90,15 +94,8 @@ for n, k, d in shapes:
 print(json.dumps(out))
 """
 
-BACKWARD_CHILD = PRELUDE + r"""
-from simvq_kernels import _ext
-_ext.load()
+BACKWARD_CHILD = PRELUDE + PEAK + r"""
 op = torch.ops.simvq
-isa = json.loads(op.cpu_kernel_config())["isa"]
-lanes = {"avx512": 16, "avx2": 8}.get(isa, 1)
-it = 2_000_000
-peak = 2 * 12 * lanes * it * torch.get_num_threads() / best(
-    lambda: op.fma_peak(isa, it), 5) / 1e9
 def cf(t):  # (N, d) -> (N / 256, d, 256), contiguous
     return t.reshape(-1, 16, 16, t.shape[1]).permute(0, 3, 1, 2).contiguous().reshape(
         -1, t.shape[1], 256)
