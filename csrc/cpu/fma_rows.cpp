@@ -8,11 +8,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SIMVQ_FMA_X86 1
@@ -170,9 +173,7 @@ double fma_peak_work(Isa isa, int64_t iterations) {
 }
 
 namespace {
-// The benchmark's peak probe: `iterations` rounds of the FMA loop on every thread of
-// torch's intra-op pool at once; returns the floating-point operations done in all.
-double fma_peak_op(const std::string& isa, int64_t iterations) {
+Isa isa_from_name(const std::string& isa, const char* op) {
   Isa which;
   if (isa == "avx512") {
     which = Isa::kAvx512;
@@ -181,9 +182,16 @@ double fma_peak_op(const std::string& isa, int64_t iterations) {
   } else if (isa == "scalar") {
     which = Isa::kScalar;
   } else {
-    TORCH_CHECK(false, "fma_peak: `isa`='", isa, "' is not one of: scalar, avx2, avx512");
+    TORCH_CHECK(false, op, ": `isa`='", isa, "' is not one of: scalar, avx2, avx512");
   }
-  TORCH_CHECK(cpu_supports(which), "fma_peak: `isa`=", isa, " but this CPU does not run it");
+  TORCH_CHECK(cpu_supports(which), op, ": `isa`=", isa, " but this CPU does not run it");
+  return which;
+}
+
+// The benchmark's peak probe: `iterations` rounds of the FMA loop on every thread of
+// torch's intra-op pool at once; returns the floating-point operations done in all.
+double fma_peak_op(const std::string& isa, int64_t iterations) {
+  const Isa which = isa_from_name(isa, "fma_peak");
   TORCH_CHECK(iterations > 0, "fma_peak: `iterations` must be positive, got ", iterations);
   const int64_t threads = at::get_num_threads();
   std::vector<double> flops(threads, 0.0);
@@ -194,12 +202,74 @@ double fma_peak_op(const std::string& isa, int64_t iterations) {
   for (double f : flops) total += f;
   return total;
 }
+// fma_rows itself, for the tests (every branch of it, on every ISA this CPU runs): a is
+// (M, T) with any non-negative strides (a_m = a.stride(0), a_t = a.stride(1)); rows is
+// (R, J) with unit column stride (ld_rows = rows.stride(0)); gather (T,) int64 indexes
+// rows, or None (rows t = 0..T-1); init (J,) or None. Returns out, a (M, J + out_pad)
+// buffer filled with NaN before the call (ldo = J + out_pad, so the test sees that no
+// column past J is written), and the double sums of a's rows ((M,), or empty without
+// `sums`).
+std::tuple<at::Tensor, at::Tensor> fma_rows_op(const at::Tensor& a, const at::Tensor& rows,
+                                               const std::optional<at::Tensor>& gather,
+                                               const std::optional<at::Tensor>& init,
+                                               int64_t out_pad, bool sums,
+                                               const std::string& isa) {
+  const Isa which = isa_from_name(isa, "_fma_rows");
+  TORCH_CHECK(a.device().is_cpu() && rows.device().is_cpu(), "_fma_rows: CPU tensors only");
+  TORCH_CHECK(a.dim() == 2 && rows.dim() == 2, "_fma_rows: `a` and `rows` must be 2-D, got ",
+              a.sizes(), " and ", rows.sizes());
+  TORCH_CHECK(a.scalar_type() == rows.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+              "_fma_rows: `a` and `rows` must both be float32 or both float64, got ",
+              a.scalar_type(), " and ", rows.scalar_type());
+  TORCH_CHECK(a.stride(0) >= 0 && a.stride(1) >= 0, "_fma_rows: `a` needs non-negative strides");
+  TORCH_CHECK(rows.size(1) <= 1 || rows.stride(1) == 1,
+              "_fma_rows: `rows` needs unit column stride, got strides ", rows.strides());
+  TORCH_CHECK(out_pad >= 0, "_fma_rows: `out_pad` must be >= 0, got ", out_pad);
+  const int64_t M = a.size(0), T_len = a.size(1), J = rows.size(1);
+  const int64_t* g = nullptr;
+  if (gather) {
+    TORCH_CHECK(gather->scalar_type() == at::kLong && gather->dim() == 1 &&
+                    gather->size(0) == T_len && gather->is_contiguous(),
+                "_fma_rows: `gather` must be contiguous int64 of shape (", T_len, ",), got ",
+                gather->scalar_type(), " ", gather->sizes());
+    if (T_len > 0) {
+      TORCH_CHECK(gather->min().item<int64_t>() >= 0 &&
+                      gather->max().item<int64_t>() < rows.size(0),
+                  "_fma_rows: `gather` must index the ", rows.size(0), " rows");
+    }
+    g = gather->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(rows.size(0) >= T_len, "_fma_rows: without `gather`, `rows` needs ", T_len,
+                " rows, got ", rows.size(0));
+  }
+  if (init) {
+    TORCH_CHECK(init->scalar_type() == a.scalar_type() && init->dim() == 1 &&
+                    init->size(0) == J && init->is_contiguous(),
+                "_fma_rows: `init` must be contiguous, shape (", J, ",), dtype of `a`");
+  }
+  const int64_t ldo = J + out_pad;
+  at::Tensor out = at::full({M, ldo}, NAN, a.options());
+  at::Tensor s = at::zeros({sums ? M : 0}, a.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "_fma_rows", [&] {
+    fma_rows<scalar_t>(which, M, J, T_len, a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+                       rows.data_ptr<scalar_t>(), rows.stride(0), g,
+                       init ? init->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                       ldo, sums ? s.data_ptr<double>() : nullptr);
+  });
+  return {out, s};
+}
 }  // namespace
 
 }  // namespace cpu
 }  // namespace simvq
 
 TORCH_LIBRARY_FRAGMENT(simvq, m) {
+  // _fma_rows(a, rows, gather, init, out_pad, sums, isa) -> (out, sums): the fixed-order
+  // product under the CPU backward and projection (csrc/cpu/fma_rows.h), exposed for the
+  // tests only; not part of the library's API.
+  m.def("_fma_rows(Tensor a, Tensor rows, Tensor? gather, Tensor? init, int out_pad, "
+        "bool sums, str isa) -> (Tensor, Tensor)", &simvq::cpu::fma_rows_op);
   // fma_peak(isa, iterations) -> floating-point operations done: a loop of independent
   // FMA chains in `isa`'s widest vectors on every intra-op thread (time it to get the
   // machine's FMA peak; python -m simvq_kernels.bench reports its rows against it).
