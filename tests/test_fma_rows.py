@@ -37,7 +37,7 @@ def _native() -> str:
     return json.loads(torch.ops.simvq.cpu_kernel_config())["native_isa"]
 
 
-def _isa_or_skip_check(isa: str) -> bool:
+def _runs_or_refuses(isa: str) -> bool:
     """True when this CPU runs `isa`; otherwise checks that the op refuses it clearly."""
     native = _native()
     if ISAS.index(isa) <= ISAS.index(native):
@@ -48,7 +48,7 @@ def _isa_or_skip_check(isa: str) -> bool:
 
 
 def _gathered_case(M, J, T, g, make):
-    """a (M, T), a table of rows (R, J), gather (T,) into it with repeats, and rows[gather]."""
+    """a (M, T), a table of rows (R, J), and gather (T,) into it, with repeats."""
     R = max(1, T // 2 + 3)
     a = make(M, T)
     table = make(R, J)
@@ -86,7 +86,7 @@ def _all_calls(a, table, gather, init, isa):
 def test_fma_rows_exact_on_integer_data(isa, dtype):
     """Small integers, so every partial sum is exact: every path equals the int64 product
     (and the double row sums the int64 sums), and no column of out past J is written."""
-    if not _isa_or_skip_check(isa):
+    if not _runs_or_refuses(isa):
         return
     for M, J, T in SHAPES:
         g = torch.Generator().manual_seed(M * 1000 + J * 10 + T)
@@ -139,7 +139,7 @@ def test_fma_rows_is_one_fma_chain_per_element(isa, dtype):
     float64: 28-bit): each element must be the chain fma(a[m, t], row_t[j], acc) from
     init (or +0) in increasing t, emulated exactly. Another order of the tokens, a split
     chain, or a multiply and an add rounded apart give other bits."""
-    if not _isa_or_skip_check(isa):
+    if not _runs_or_refuses(isa):
         return
     bits = 12 if dtype == torch.float32 else 28
     shapes = [(7, 25, 300), (6, 16, 129), (4, 24, 130), (3, 5, 1)]
