@@ -13,7 +13,11 @@ comes from the checkpoint (``--task`` checks it). The nearest-code search is
 stream, the utilisation, the perplexity and the fraction of codes that independent
 draws from the largest set's histogram are expected to pick
 (:mod:`simvq_kernels.experiments.curve`). Results are rewritten after every point, so a
-run cut short keeps the points it reached.
+run cut short keeps the points it reached. With ``--state FILE`` the run also keeps its
+progress there (the indices found so far and the fitted k-means centres, every
+``--state-every`` minutes and at every point): run the same command again and it goes on
+from there, and ``--stop-after-minutes`` ends a run with its state saved, so a search that
+takes hours can be split over several sittings with the same result.
 
 With ``--kmeans-iters N`` it also runs k-means with the same K on the model's training
 latents (``--kmeans-tokens-per-code`` latents per code from training crops or training
@@ -154,6 +158,39 @@ def kmeans(x, k, iters, seed, backend, log=print):
     return c, hist
 
 
+# what fixes the held-out stream, the codebooks and the indices: a state saved under other
+# values belongs to another run
+STATE_KEYS = ("checkpoint", "tokens_per_code", "seed", "chunk", "kmeans_iters",
+              "kmeans_tokens_per_code", "kmeans_only", "backend", "images")
+
+
+def state_key(args):
+    return {"checkpoint": os.path.abspath(args.checkpoint),
+            "tokens_per_code": args.tokens_per_code, "seed": args.seed, "chunk": args.chunk,
+            "kmeans_iters": args.kmeans_iters,
+            "kmeans_tokens_per_code": args.kmeans_tokens_per_code,
+            "kmeans_only": args.kmeans_only, "backend": args.backend, "images": args.images}
+
+
+def load_state(path, key):
+    """The state saved by an earlier run of the same command, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    diff = [f"{k}: {st['key'].get(k)!r} there, {key[k]!r} here" for k in STATE_KEYS
+            if st["key"].get(k) != key[k]]
+    if diff:
+        raise SystemExit(f"--state {path} was saved by another run ({'; '.join(diff)}): "
+                         f"give another --state file, or delete this one to start over")
+    return st
+
+
+def save_state(path, st):
+    tmp = path + ".tmp"
+    torch.save(st, tmp)
+    os.replace(tmp, path)
+
+
 def write(out, payload):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "curve.json"), "w") as f:
@@ -249,7 +286,24 @@ def main(argv=None):
                    help="images: comma-separated skimage.data names (default: the "
                         "checkpoint's)")
     p.add_argument("--out", required=True)
+    p.add_argument("--state", default=None,
+                   help="file to keep the run's progress in (indices found so far, k-means "
+                        "centres) and to resume from when it exists")
+    p.add_argument("--state-every", type=float, default=10.0,
+                   help="minutes between saves of --state (it is also saved at every point)")
+    p.add_argument("--stop-after-minutes", type=float, default=None,
+                   help="with --state: save the state and stop after this many minutes of "
+                        "wall clock; run the command again to go on")
+    p.add_argument("--stop-after-tokens", type=int, default=None,
+                   help="with --state: save the state and stop once this many held-out tokens "
+                        "are searched (counted over all sittings)")
     args = p.parse_args(argv)
+    if (args.stop_after_minutes is not None or args.stop_after_tokens is not None) \
+            and args.state is None:
+        raise SystemExit("--stop-after-minutes and --stop-after-tokens need --state (the "
+                         "run would stop with its work lost)")
+    if args.state_every <= 0:
+        raise SystemExit(f"--state-every must be > 0 minutes, got {args.state_every}")
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
 
@@ -268,13 +322,23 @@ def main(argv=None):
 
     if args.kmeans_only and args.kmeans_iters <= 0:
         raise SystemExit("--kmeans-only needs --kmeans-iters > 0")
+    key = state_key(args)
+    state = load_state(args.state, key) if args.state else None
+    if state is not None:
+        print(f"resuming from {args.state}: {state['done']:,} of {marks[-1]:,} held-out "
+              f"tokens searched, {state['cpu_seconds']:.0f} CPU-s spent", flush=True)
+    cpu_before = state["cpu_seconds"] if state else 0.0
+    wall_before = state["seconds"] if state else 0.0
     codebooks = {}
     if not args.kmeans_only:
         with torch.no_grad():
             codebooks["SimVQ" if ck["kind"] == "simvq" else ck["kind"]] = \
                 model.quantiser.codebook.detach().float().contiguous()
     km_hist = None
-    if args.kmeans_iters > 0:
+    if state is not None and state["kmeans"] is not None:
+        codebooks["k-means"] = state["kmeans"]["centres"]
+        km_hist, km_cpu = state["kmeans"]["history"], state["kmeans"]["cpu_seconds"]
+    elif args.kmeans_iters > 0:
         n_train = -(-int(args.kmeans_tokens_per_code * k) // per_item)
         seed = src.meta["stream_seed"]
         gen = torch.Generator().manual_seed(seed + 1)
@@ -307,39 +371,85 @@ def main(argv=None):
                  f"same encoder ({km_cpu / 60:.1f} CPU-min), initialised from random "
                  f"latents.")
     idx = {name: torch.empty(marks[-1], dtype=torch.int32) for name in codebooks}
+    resumed = state["done"] if state else 0
+    for name in idx:
+        if resumed:
+            idx[name][:resumed] = state["idx"][name]
+    del state
     done, next_mark = 0, 0
+    while next_mark < len(marks) and resumed >= marks[next_mark]:
+        next_mark += 1  # written by the sitting that reached it
     print(f"held-out stream: {n_items:,} items = {marks[-1]:,} tokens, points at "
           f"{', '.join(f'{m:,}' for m in marks)} tokens", flush=True)
-    for items in src.heldout_batches(n_items, args.chunk):
+
+    def cpu_now():
+        return cpu_before + time.process_time() - c0
+
+    def wall_now():
+        return wall_before + time.perf_counter() - t0
+
+    def keep(done):
+        save_state(args.state, {
+            "key": key, "done": done, "idx": {n: v[:done].clone() for n, v in idx.items()},
+            "kmeans": None if km_hist is None else {
+                "centres": codebooks["k-means"], "history": km_hist, "cpu_seconds": km_cpu},
+            "cpu_seconds": cpu_now(), "seconds": wall_now()})
+
+    def report(m):
+        """Write the curves of the first m tokens (every point up to m) and print them."""
+        curves = {name: curve.utilisation_curve(v[:m], k, [x for x in marks if x <= m])
+                  for name, v in idx.items()}
+        payload = {**payload_base, "curves": curves,
+                   "description": desc + (f" Expected fractions use the histogram of "
+                                          f"the largest set reached ({m / k:g} tokens "
+                                          f"per code)."),
+                   "seconds": wall_now(), "cpu_seconds": cpu_now()}
+        write(args.out, payload)
+        try:
+            plot(args.out, payload)
+        except ImportError as e:
+            print(f"no figure: {e}")
+        for name, cv in curves.items():
+            pt = cv["points"][-1]
+            print(f"  {name}: {pt['tokens_per_code']:g} tokens/code: "
+                  f"{train.format_percent(pt['utilisation'])} used "
+                  f"({pt['used']:,}), expected {train.format_percent(pt['expected_seen'])}"
+                  f", perplexity {pt['perplexity']:,.0f}, Chao1 "
+                  f"{train.format_percent(cv['full']['chao1_utilisation'])}  "
+                  f"[{cpu_now():.0f} CPU-s]", flush=True)
+        return payload
+
+    payload = None
+    if next_mark:  # the points an earlier sitting reached, written again to --out
+        payload = report(marks[next_mark - 1])
+    if args.state and resumed == 0:
+        keep(0)  # the k-means fit is kept before the long search starts
+    last_save = time.perf_counter()
+    for items in (src.heldout_batches(n_items, args.chunk) if resumed < marks[-1] else ()):
+        if done < resumed:  # searched in an earlier sitting: the stream only moves on
+            done += min(items.shape[0] * per_item, marks[-1] - done)
+            continue
         z = latents(model, items)[: marks[-1] - done]
         for name, cb in codebooks.items():
             i, _ = sk.nearest_code(z, cb, backend=args.backend)
             idx[name][done:done + z.shape[0]] = i.to(torch.int32)
         done += z.shape[0]
+        at_mark = next_mark < len(marks) and done >= marks[next_mark]
+        stop = ((args.stop_after_tokens is not None and done >= args.stop_after_tokens)
+                or (args.stop_after_minutes is not None
+                    and time.perf_counter() - t0 >= 60 * args.stop_after_minutes))
+        if args.state and (at_mark or stop or done == marks[-1]
+                           or time.perf_counter() - last_save >= 60 * args.state_every):
+            keep(done)
+            last_save = time.perf_counter()
         while next_mark < len(marks) and done >= marks[next_mark]:
-            m = marks[next_mark]
+            payload = report(marks[next_mark])
             next_mark += 1
-            curves = {name: curve.utilisation_curve(v[:m], k, [x for x in marks if x <= m])
-                      for name, v in idx.items()}
-            payload = {**payload_base, "curves": curves,
-                       "description": desc + (f" Expected fractions use the histogram of "
-                                              f"the largest set reached ({m / k:g} tokens "
-                                              f"per code)."),
-                       "seconds": time.perf_counter() - t0,
-                       "cpu_seconds": time.process_time() - c0}
-            write(args.out, payload)
-            try:
-                plot(args.out, payload)
-            except ImportError as e:
-                print(f"no figure: {e}")
-            for name, cv in curves.items():
-                pt = cv["points"][-1]
-                print(f"  {name}: {pt['tokens_per_code']:g} tokens/code: "
-                      f"{train.format_percent(pt['utilisation'])} used "
-                      f"({pt['used']:,}), expected {train.format_percent(pt['expected_seen'])}"
-                      f", perplexity {pt['perplexity']:,.0f}, Chao1 "
-                      f"{train.format_percent(cv['full']['chao1_utilisation'])}  "
-                      f"[{time.process_time() - c0:.0f} CPU-s]", flush=True)
+        if stop and done < marks[-1]:
+            print(f"stopped with {done:,} of {marks[-1]:,} held-out tokens searched "
+                  f"({cpu_now():.0f} CPU-s so far); state in {args.state}: run the same "
+                  f"command again to go on", flush=True)
+            return None
     return payload
 
 

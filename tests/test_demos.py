@@ -468,6 +468,73 @@ def test_heldout_curve_program_on_audio(tmp_path):
     assert (tmp_path / "curve" / "utilisation_vs_tokens_per_code.png").exists()
 
 
+def test_heldout_curve_resumes_from_its_state(tmp_path):
+    """A run stopped part-way with --state and run again gives the points of a run made in
+    one go, without fitting k-means again; a state from another run is refused."""
+    from simvq_kernels.experiments import data
+    from simvq_kernels.experiments.train import Task, TrainConfig, run_one
+
+    seconds, window = 0.1, 64  # 25 windows of 8 tokens per utterance
+    src = data.WaveSource(data.synth_speech(2, seconds, seed=data.AUDIO_TRAIN_SEED),
+                          window=window)
+    task = Task(name="audio", in_ch=1, nd=1, n_down=3, dim=8, hidden=16,
+                tokens_per_item=8, train_batch=src.train_batch,
+                heldout=data.WaveSource.windows(
+                    data.synth_speech(1, seconds, seed=data.AUDIO_HELDOUT_SEED), window),
+                notes={"window": window, "hop": 8, "utterance_seconds": seconds,
+                       "train_seconds_of_audio": 2 * seconds})
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
+                      progress=False, save_models=str(tmp_path / "models"))
+    r = run_one(task, "simvq", 16, cfg)
+    heldout_curve = _import_heldout_curve()
+    args = ["--checkpoint", r["checkpoint"], "--tokens-per-code", "5,10,20",
+            "--kmeans-iters", "2", "--kmeans-tokens-per-code", "4", "--chunk", "4"]
+    state = str(tmp_path / "state.pt")
+    threads = torch.get_num_threads()
+    try:
+        whole = heldout_curve.main(args + ["--out", str(tmp_path / "whole")])
+        # 80 tokens are the first point; stop at 96 (3 batches of 32 tokens), then at 224
+        assert heldout_curve.main(args + ["--out", str(tmp_path / "part"), "--state", state,
+                                          "--stop-after-tokens", "96"]) is None
+        first = json.loads((tmp_path / "part" / "curve.json").read_text())
+        assert [p["tokens"] for p in first["curves"]["SimVQ"]["points"]] == [80]
+        saved = torch.load(state, weights_only=False)
+        assert saved["done"] == 96 and saved["idx"]["k-means"].shape == (96,)
+        assert heldout_curve.main(args + ["--out", str(tmp_path / "part"), "--state", state,
+                                          "--stop-after-tokens", "224"]) is None
+        assert torch.load(state, weights_only=False)["done"] == 224
+        # the k-means fit is not made again: its centres come from the state
+        fits = []
+        real_kmeans = heldout_curve.kmeans
+        heldout_curve.kmeans = lambda *a, **kw: fits.append(1) or real_kmeans(*a, **kw)
+        try:
+            resumed = heldout_curve.main(args + ["--out", str(tmp_path / "part"),
+                                                 "--state", state])
+            again = heldout_curve.main(args + ["--out", str(tmp_path / "again"),
+                                               "--state", state])  # complete: rewritten
+        finally:
+            heldout_curve.kmeans = real_kmeans
+        assert fits == []
+        with pytest.raises(SystemExit, match="tokens_per_code"):
+            heldout_curve.main(["--checkpoint", r["checkpoint"], "--tokens-per-code",
+                                "5,10", "--kmeans-iters", "2", "--kmeans-tokens-per-code",
+                                "4", "--chunk", "4", "--out", str(tmp_path / "x"),
+                                "--state", state])
+        with pytest.raises(SystemExit, match="need --state"):
+            heldout_curve.main(args + ["--out", str(tmp_path / "x"),
+                                       "--stop-after-minutes", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    for got in (resumed, again):
+        assert got["curves"] == whole["curves"]
+        assert [{k: v for k, v in h.items() if k != "cpu_seconds"}
+                for h in got["kmeans_history"]] == \
+            [{k: v for k, v in h.items() if k != "cpu_seconds"} for h in whole["kmeans_history"]]
+    assert [p["tokens"] for p in whole["curves"]["k-means"]["points"]] == [80, 160, 320]
+    assert (tmp_path / "part" / "curve.csv").read_text() == \
+        (tmp_path / "whole" / "curve.csv").read_text()
+
+
 def test_rotation_trick_report_collects_runs(tmp_path):
     from simvq_kernels.experiments.train import (TrainConfig, parse_markdown_table,
                                                  run_one, write_results)
