@@ -18,9 +18,11 @@
 //
 // Determinism: the tiling depends on N, K, d and the configuration (ISA, tile) only,
 // never on the thread count, so every value is computed with the same operations on
-// every run. Threads take whole token tiles; when there are too few token tiles to fill
-// the threads, the code range is split at tile boundaries and the partial results are
-// merged in code order with a strict '<', so the lowest index wins ties exactly as a
+// every run. Threads take whole token tiles, each the next one from a shared counter
+// when it finishes one (parallel_tasks: a thread slowed by the machine takes fewer, and
+// which thread runs a tile does not change its values); when there are too few token
+// tiles to fill the threads, the code range is split at tile boundaries and the partial
+// results are merged in code order with a strict '<', so the lowest index wins ties exactly as a
 // sequential scan would. ||z||^2 and the returned distance are computed in the same
 // task, while the tile's tokens are in cache. Every (token, code) value is formed by the
 // same operations wherever the code sits, so exact duplicate codes (-0.0 equal to 0.0)
@@ -40,6 +42,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -378,6 +381,28 @@ T* thread_tile(int64_t elems) {
   return thread_buffer<T, 1>(elems);
 }
 
+// Runs f(t) for every t in [0, n) on the intra-op threads, each thread taking the next
+// task from a shared counter as it finishes one: a thread slowed by the machine (another
+// process, a shared core, a slower core) takes fewer tasks instead of holding the others
+// up at the end (a static split gives every thread n / threads of them). Which thread
+// runs a task does not change what the task computes, so results stay the same bits.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  if (workers <= 1 || at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) f(t);
+    });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      f(t);
+  });
+}
+
 // ||z_n||^2 accumulated in double, in four interleaved partial sums (a fixed order, so
 // the same bits every time; one running sum would be a chain of dependent adds). For
 // float32 on a CPU with AVX2 the four sums are the lanes of one vector: the squares of
@@ -694,35 +719,33 @@ void nearest_code_blocked(const cpu::KernelConfig& cfg, const float* z, const To
   std::vector<float> part_val(splits > 1 ? splits * N : 0);
   std::vector<int64_t> part_idx(splits > 1 ? splits * N : 0);
 
-  at::parallel_for(0, n_tiles * splits, 1, [&](int64_t t_begin, int64_t t_end) {
+  parallel_tasks(n_tiles * splits, [&](int64_t t) {
     float* tokens = thread_buffer<float, 0>((std::min(tile_n, N) + mr - 1) / mr * mr * d);
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t nt = t / splits, sp = t % splits;
-      const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n), bn = n1 - n0;
-      const int64_t kb = sp * tiles_per_split * tile_k;
-      const int64_t ke = std::min(K, kb + tiles_per_split * tile_k);
-      float* val = splits > 1 ? part_val.data() + sp * N + n0 : out_val + n0;
-      int64_t* idx = splits > 1 ? part_idx.data() + sp * N + n0 : out_idx + n0;
-      for (int64_t i = 0; i < bn; ++i) {
-        val[i] = std::numeric_limits<float>::infinity();
-        idx[i] = kb;  // only kept if every value is +inf, which finite inputs exclude
+    const int64_t nt = t / splits, sp = t % splits;
+    const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n), bn = n1 - n0;
+    const int64_t kb = sp * tiles_per_split * tile_k;
+    const int64_t ke = std::min(K, kb + tiles_per_split * tile_k);
+    float* val = splits > 1 ? part_val.data() + sp * N + n0 : out_val + n0;
+    int64_t* idx = splits > 1 ? part_idx.data() + sp * N + n0 : out_idx + n0;
+    for (int64_t i = 0; i < bn; ++i) {
+      val[i] = std::numeric_limits<float>::infinity();
+      idx[i] = kb;  // only kept if every value is +inf, which finite inputs exclude
+    }
+    pack_token_tile(z, lay, n0, n1, mr, tokens);
+    const int64_t blocks = (bn + mr - 1) / mr;
+    for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
+      const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
+      const float* tile_codes = codes + k0 * d;
+      const float* tile_norms = norms + k0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int rows = int(std::min<int64_t>(mr, bn - b * mr));
+        scan(tokens + b * mr * d, tile_codes, tile_norms, d, tp, k0, rows, val + b * mr,
+             idx + b * mr);
       }
-      pack_token_tile(z, lay, n0, n1, mr, tokens);
-      const int64_t blocks = (bn + mr - 1) / mr;
-      for (int64_t k0 = kb; k0 < ke; k0 += tile_k) {  // k0 is a multiple of nr
-        const int64_t tp = (std::min(tile_k, ke - k0) + nr - 1) / nr;
-        const float* tile_codes = codes + k0 * d;
-        const float* tile_norms = norms + k0;
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int rows = int(std::min<int64_t>(mr, bn - b * mr));
-          scan(tokens + b * mr * d, tile_codes, tile_norms, d, tp, k0, rows, val + b * mr,
-               idx + b * mr);
-        }
-      }
-      if (splits == 1) {  // the tile's tokens are still in cache
-        for (int64_t n = n0; n < n1; ++n)
-          out_val[n] = final_distance(token_sq_norm(z, lay, n), out_val[n]);
-      }
+    }
+    if (splits == 1) {  // the tile's tokens are still in cache
+      for (int64_t n = n0; n < n1; ++n)
+        out_val[n] = final_distance(token_sq_norm(z, lay, n), out_val[n]);
     }
   });
   if (splits > 1) merge_splits(z, lay, N, splits, part_val.data(), part_idx.data(), out_idx, out_val);
@@ -762,21 +785,19 @@ void nearest_code_kernel(const cpu::KernelConfig& cfg, const T* z, const T* q, i
   const std::vector<T> zeros(std::min(tile_k, K), T(0));
   const int64_t tasks = n_tiles * splits;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+  parallel_tasks(tasks, [&](int64_t t) {
     T* tile = thread_tile<T>(std::min(tile_n, N) * tile_k);
     T* qt = thread_buffer<T, 2>(d * std::min(tile_k, K));
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t nt = t / splits, s = t % splits;
-      const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n);
-      const int64_t k0 = s * tiles_per_split * tile_k;
-      const int64_t k1 = std::min(K, k0 + tiles_per_split * tile_k);
-      T* val = splits > 1 ? part_val.data() + s * N + n0 : out_val + n0;
-      int64_t* idx = splits > 1 ? part_idx.data() + s * N + n0 : out_idx + n0;
-      scan_range<T>(f, cfg.isa, tile_k, z, q, qn.data(), zeros.data(), d, n0, n1, k0, k1,
-                    tile, qt, val, idx);
-      if (splits == 1) {  // the tile's tokens are still in cache
-        for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
-      }
+    const int64_t nt = t / splits, s = t % splits;
+    const int64_t n0 = nt * tile_n, n1 = std::min(N, n0 + tile_n);
+    const int64_t k0 = s * tiles_per_split * tile_k;
+    const int64_t k1 = std::min(K, k0 + tiles_per_split * tile_k);
+    T* val = splits > 1 ? part_val.data() + s * N + n0 : out_val + n0;
+    int64_t* idx = splits > 1 ? part_idx.data() + s * N + n0 : out_idx + n0;
+    scan_range<T>(f, cfg.isa, tile_k, z, q, qn.data(), zeros.data(), d, n0, n1, k0, k1,
+                  tile, qt, val, idx);
+    if (splits == 1) {  // the tile's tokens are still in cache
+      for (int64_t n = n0; n < n1; ++n) out_val[n] = final_distance(z + n * d, d, out_val[n]);
     }
   });
 
@@ -865,11 +886,10 @@ void reduce_token_chunks(int64_t N, int64_t d, int64_t r, double scale, T* dw_ou
   std::vector<double> part_db(group * d);
   for (int64_t c0 = 0; c0 < chunks; c0 += group) {
     const int64_t c1 = std::min(chunks, c0 + group);
-    at::parallel_for(c0, c1, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        chunk_body(c, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk),
-                   part.data() + (c - c0) * dr, part_db.data() + (c - c0) * d);
-      }
+    parallel_tasks(c1 - c0, [&](int64_t t) {
+      const int64_t c = c0 + t;
+      chunk_body(c, c * kBwdChunk, std::min(N, (c + 1) * kBwdChunk),
+                 part.data() + t * dr, part_db.data() + t * d);
     });
     for (int64_t c = c0; c < c1; ++c) {
       const T* p = part.data() + (c - c0) * dr;
