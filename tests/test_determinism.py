@@ -6,7 +6,9 @@ What is promised and tested here:
   repeated calls on every backend. On a thread-invariant backend (`Backend.thread_invariant`:
   the `cpu` one) also across torch.set_num_threads(1, 2, 3, 4) (3 and 4 oversubscribe a
   2-core box, which changes how the CPU kernel splits the code range) and across
-  processes started with OMP_NUM_THREADS=1 and =2. The pure-PyTorch backends are checked
+  processes started with OMP_NUM_THREADS=1 and =2. Its threads take token tiles from a
+  shared counter, so which thread computes which tile changes from call to call: the
+  repeated calls check that it does not change the bits. The pure-PyTorch backends are checked
   across runs and processes at each thread count only: their products are torch.mm,
   whose BLAS may split a reduction by thread count (MKL's AVX2 code does, so their bits
   change with the thread count on an AMD CPU or under MKL_ENABLE_INSTRUCTIONS=AVX2).
