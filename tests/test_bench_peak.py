@@ -292,7 +292,15 @@ def test_compare_builds_runs_two_builds_side_by_side(tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         a_ms, b_ms, ratio = float(cells[1]), float(cells[3]), float(cells[5].rstrip("×"))
-        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio
+        assert a_ms > 0 and b_ms > 0 and _ratio_matches(ratio, a_ms, b_ms)
+
+
+def _ratio_matches(printed, a_ms, b_ms):
+    """The table's A / B cell (one round, so a / b itself) against the times it prints:
+    within 2% (the times have 4 significant digits), or half a unit of the cell's last
+    digit (it has two decimals: a round where the machine stalled one build 100x prints
+    0.01 for 0.0067)."""
+    return abs(printed - a_ms / b_ms) < 0.02 * printed + 0.005
 
 
 def _compare_builds_rows(tmp_path, op):
@@ -331,7 +339,7 @@ def test_compare_builds_times_the_training_step(tmp_path):
     search = rows["search"]
     assert search[1] == search[3] == 1.0
     for name, (a_ms, a_rel, b_ms, b_rel, ratio) in rows.items():
-        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
+        assert a_ms > 0 and b_ms > 0 and _ratio_matches(ratio, a_ms, b_ms), name
         assert abs(a_rel - a_ms / search[0]) < 0.01 + 0.02 * a_rel, name
         assert abs(b_rel - b_ms / search[2]) < 0.01 + 0.02 * b_rel, name
 
@@ -344,7 +352,7 @@ def test_compare_builds_times_the_backward_ops(tmp_path):
     assert sorted(rows) == ["quantize_backward", "quantize_train_backward, channel-first",
                             "quantize_train_backward, channel-last"], rows
     for name, (a_ms, a_pct, b_ms, b_pct, ratio) in rows.items():
-        assert a_ms > 0 and b_ms > 0 and abs(ratio - a_ms / b_ms) < 0.02 * ratio, name
+        assert a_ms > 0 and b_ms > 0 and _ratio_matches(ratio, a_ms, b_ms), name
         assert 0 <= a_pct <= 150 and 0 <= b_pct <= 150, name
 
 
