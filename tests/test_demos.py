@@ -419,14 +419,17 @@ def test_heldout_curve_program_with_kmeans(tmp_path):
         == b"\x89PNG"
 
 
-def test_heldout_curve_program_on_audio(tmp_path):
+def _tiny_audio_checkpoint(tmp_path, heldout_utterances):
+    """A 3-step SimVQ audio model with K = 16 saved under tmp_path (utterances of 0.1 s:
+    25 windows of 8 tokens each): (run_one's result, the held-out windows it was
+    evaluated on)."""
     from simvq_kernels.experiments import data
     from simvq_kernels.experiments.train import Task, TrainConfig, run_one
 
-    seconds, window = 0.1, 64  # 25 windows of 8 tokens per utterance
+    seconds, window = 0.1, 64
     src = data.WaveSource(data.synth_speech(2, seconds, seed=data.AUDIO_TRAIN_SEED),
                           window=window)
-    held = data.WaveSource.windows(data.synth_speech(2, seconds,
+    held = data.WaveSource.windows(data.synth_speech(heldout_utterances, seconds,
                                                      seed=data.AUDIO_HELDOUT_SEED), window)
     task = Task(name="audio", in_ch=1, nd=1, n_down=3, dim=8, hidden=16,
                 tokens_per_item=8, train_batch=src.train_batch, heldout=held,
@@ -434,7 +437,13 @@ def test_heldout_curve_program_on_audio(tmp_path):
                        "train_seconds_of_audio": 2 * seconds})
     cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
                       progress=False, save_models=str(tmp_path / "models"))
-    r = run_one(task, "simvq", 16, cfg)
+    return run_one(task, "simvq", 16, cfg), held
+
+
+def test_heldout_curve_program_on_audio(tmp_path):
+    from simvq_kernels.experiments import data
+
+    r, held = _tiny_audio_checkpoint(tmp_path, heldout_utterances=2)
     heldout_curve = _import_heldout_curve()
     threads = torch.get_num_threads()
     try:
@@ -471,21 +480,7 @@ def test_heldout_curve_program_on_audio(tmp_path):
 def test_heldout_curve_resumes_from_its_state(tmp_path):
     """A run stopped part-way with --state and run again gives the points of a run made in
     one go, without fitting k-means again; a state from another run is refused."""
-    from simvq_kernels.experiments import data
-    from simvq_kernels.experiments.train import Task, TrainConfig, run_one
-
-    seconds, window = 0.1, 64  # 25 windows of 8 tokens per utterance
-    src = data.WaveSource(data.synth_speech(2, seconds, seed=data.AUDIO_TRAIN_SEED),
-                          window=window)
-    task = Task(name="audio", in_ch=1, nd=1, n_down=3, dim=8, hidden=16,
-                tokens_per_item=8, train_batch=src.train_batch,
-                heldout=data.WaveSource.windows(
-                    data.synth_speech(1, seconds, seed=data.AUDIO_HELDOUT_SEED), window),
-                notes={"window": window, "hop": 8, "utterance_seconds": seconds,
-                       "train_seconds_of_audio": 2 * seconds})
-    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, window=2, threads=1,
-                      progress=False, save_models=str(tmp_path / "models"))
-    r = run_one(task, "simvq", 16, cfg)
+    r, _ = _tiny_audio_checkpoint(tmp_path, heldout_utterances=1)
     heldout_curve = _import_heldout_curve()
     args = ["--checkpoint", r["checkpoint"], "--tokens-per-code", "5,10,20",
             "--kmeans-iters", "2", "--kmeans-tokens-per-code", "4", "--chunk", "4"]
