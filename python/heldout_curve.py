@@ -158,13 +158,9 @@ def kmeans(x, k, iters, seed, backend, log=print):
     return c, hist
 
 
-# what fixes the held-out stream, the codebooks and the indices: a state saved under other
-# values belongs to another run
-STATE_KEYS = ("checkpoint", "tokens_per_code", "seed", "chunk", "kmeans_iters",
-              "kmeans_tokens_per_code", "kmeans_only", "backend", "images")
-
-
 def state_key(args):
+    """What fixes the held-out stream, the codebooks and the indices: a state saved under
+    other values belongs to another run."""
     return {"checkpoint": os.path.abspath(args.checkpoint),
             "tokens_per_code": args.tokens_per_code, "seed": args.seed, "chunk": args.chunk,
             "kmeans_iters": args.kmeans_iters,
@@ -177,8 +173,8 @@ def load_state(path, key):
     if not os.path.exists(path):
         return None
     st = torch.load(path, map_location="cpu", weights_only=False)
-    diff = [f"{k}: {st['key'].get(k)!r} there, {key[k]!r} here" for k in STATE_KEYS
-            if st["key"].get(k) != key[k]]
+    diff = [f"{k}: {st['key'].get(k)!r} there, {v!r} here" for k, v in key.items()
+            if st["key"].get(k) != v]
     if diff:
         raise SystemExit(f"--state {path} was saved by another run ({'; '.join(diff)}): "
                          f"give another --state file, or delete this one to start over")
@@ -372,8 +368,8 @@ def main(argv=None):
                  f"latents.")
     idx = {name: torch.empty(marks[-1], dtype=torch.int32) for name in codebooks}
     resumed = state["done"] if state else 0
-    for name in idx:
-        if resumed:
+    if resumed:
+        for name in idx:
             idx[name][:resumed] = state["idx"][name]
     del state
     done, next_mark = 0, 0
